@@ -1,0 +1,117 @@
+"""Liveness without trusting PIDs: a kernel lock that lives exactly as long as a process.
+
+Each process that holds locks in a store takes a POSIX write lock on one randomly
+chosen byte of the store's witness file and keeps it until it exits; the offset is
+written into every lease it holds. Anyone can test the byte with a non-blocking lock
+attempt: if the attempt succeeds, the holder is gone and so is its claim, at once,
+without waiting for the ttl. PIDs are never trusted (they are reused and differ
+between namespaces).
+
+POSIX record locks are chosen on purpose for their usual trap: they belong to the
+process, so a ``fork()`` child never inherits its parent's witness and cannot keep a
+dead parent's locks alive. The other trap, that closing any descriptor of the file
+drops all the process's locks on it, is avoided by keeping exactly one descriptor
+per file per process (the registry below), never closed before exit.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import threading
+from typing import Dict, Optional
+
+from ._platform import HAVE_WITNESS
+
+if HAVE_WITNESS:
+    import fcntl
+
+_RANDOM = random.SystemRandom()
+
+
+class Witness:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._mutex = threading.Lock()
+        self._pid = -1
+        self._fd = -1
+        self._ident = ""
+
+    def mine(self) -> Optional[str]:
+        """This process's mark, ``"dev:inode:offset"``, taking its byte on first use.
+
+        The file's identity is part of the mark so that a checker that reached the
+        store by another path (a second hard link, another mount) never tests a byte
+        of a different file and wrongly declares a live holder dead.
+        """
+        if not HAVE_WITNESS:
+            return None
+        if self._pid == os.getpid():
+            return self._ident
+        with self._mutex:
+            if self._pid != os.getpid():
+                self._claim()
+            return self._ident
+
+    def _claim(self) -> None:
+        if self._fd >= 0:
+            # Inherited across fork: the parent's lock did not come with it, and
+            # closing our copy cannot drop the parent's lock (it is the parent's).
+            os.close(self._fd)
+            self._fd = -1
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(self.path, flags, 0o600)
+        for _ in range(16):
+            offset = _RANDOM.randrange(1, 1 << 62)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EAGAIN):
+                    continue
+                os.close(fd)
+                raise
+            info = os.fstat(fd)
+            self._fd, self._pid = fd, os.getpid()
+            self._ident = f"{info.st_dev}:{info.st_ino}:{offset}"
+            return
+        os.close(fd)
+        raise OSError(errno.EAGAIN, "no free witness offset", self.path)
+
+    def is_alive(self, mark: Optional[str]) -> bool:
+        """Whether the process that left ``mark`` still runs.
+
+        A holder without a mark, or with a mark in another file, counts as alive: its
+        lease decides.
+        """
+        if not mark or not HAVE_WITNESS:
+            return True
+        mine = self.mine()
+        if mark == mine or mine is None:
+            return True
+        file_id, _, offset_text = mark.rpartition(":")
+        if file_id != mine.rpartition(":")[0] or not offset_text.isdigit():
+            return True
+        offset = int(offset_text)
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EAGAIN):
+                return True
+            raise
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, offset)
+        return False
+
+
+_registry: Dict[str, Witness] = {}
+_registry_mutex = threading.Lock()
+
+
+def witness_for(path: str) -> Witness:
+    """The one :class:`Witness` of this process for the file at ``path``."""
+    key = os.path.realpath(path)
+    with _registry_mutex:
+        witness = _registry.get(key)
+        if witness is None:
+            witness = _registry[key] = Witness(path)
+        return witness

@@ -1,0 +1,1 @@
+"""Back ends. Server drivers are imported only when their adapter is used."""

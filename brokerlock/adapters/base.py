@@ -1,0 +1,188 @@
+"""The adapter contract: the few atomic operations every back end provides.
+
+An adapter knows nothing of threads, items or policy. It stores one lease record per
+name and changes it atomically. Waiting is the one place where back ends differ most
+(a Condition, inotify, LISTEN/NOTIFY, BLPOP, a FIFO queue), so ``acquire`` lives here
+too, with a generic try-then-wait loop that back ends refine.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from ..errors import BrokerLockError
+
+_HOST = socket.gethostname()
+
+
+@dataclass(frozen=True)
+class Request:
+    """What an acquirer brings: who it is and how long its lease should last."""
+
+    name: str
+    token: str
+    ttl: Optional[float]
+    host: str = _HOST
+    pid: int = field(default_factory=os.getpid)
+    thread: str = field(default_factory=lambda: threading.current_thread().name)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One holder's record of one lock, as the store sees it.
+
+    ``expires_at`` and ``acquired_at`` are seconds since the epoch by the store's
+    clock (the server's for Redis and PostgreSQL); ``expires_at`` is ``None`` when the
+    lease has no ttl.
+    """
+
+    name: str
+    token: str
+    fence: int
+    acquired_at: float
+    expires_at: Optional[float]
+    host: str
+    pid: int
+    thread: str
+
+    def describe(self) -> str:
+        """Who holds it, for error messages and ``brokerlock status``."""
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.acquired_at))
+        until = (
+            "no expiry"
+            if self.expires_at is None
+            else "until " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.expires_at))
+        )
+        return (
+            f"held by pid {self.pid} on {self.host} (thread {self.thread}) "
+            f"since {since}, {until}, fence {self.fence}"
+        )
+
+
+class Adapter(abc.ABC):
+    """A lock store. Every method is thread-safe; errors are :class:`BrokerLockError`."""
+
+    #: Human description of the store, used in error messages ("sqlite:///x.db").
+    url: str = ""
+
+    @abc.abstractmethod
+    def try_acquire(self, request: Request) -> Optional[Lease]:
+        """Take the lock if it is free (absent, expired or its holder dead), else ``None``.
+
+        The fence of the returned lease is greater than that of every earlier lease of
+        this name in this store.
+        """
+
+    @abc.abstractmethod
+    def release(self, name: str, token: str) -> bool:
+        """Free the lock if ``token`` holds it; ``False`` if the lease had already ended.
+
+        Never touches a lease that belongs to another token.
+        """
+
+    @abc.abstractmethod
+    def extend(self, name: str, token: str, ttl: Optional[float]) -> Optional[Lease]:
+        """Set the lease's expiry to now + ``ttl``; ``None`` if ``token`` no longer holds it."""
+
+    @abc.abstractmethod
+    def get(self, name: str) -> Optional[Lease]:
+        """The live lease of ``name``, or ``None`` when the lock is free."""
+
+    @abc.abstractmethod
+    def list(self) -> List[Lease]:
+        """Every live lease in the store."""
+
+    @abc.abstractmethod
+    def force_release(self, name: str) -> bool:
+        """Break whoever holds ``name``; ``True`` if there was a live holder."""
+
+    def acquire(self, request: Request, timeout: Optional[float]) -> Optional[Lease]:
+        """Block until acquired or ``timeout`` seconds have passed (``None``: forever)."""
+        lease = self.try_acquire(request)
+        if lease is not None or timeout == 0:
+            return lease
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.waiter(request.name) as waiter:
+            while True:
+                # Try again only once the waiter is armed, so a release between the
+                # first attempt and the arming cannot be missed.
+                lease = self.try_acquire(request)
+                if lease is not None:
+                    return lease
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                waiter.wait(self._recheck_after(request.name, remaining))
+
+    def _recheck_after(self, name: str, remaining: Optional[float]) -> Optional[float]:
+        """How long a waiter may sleep before it must look again, at most ``remaining``.
+
+        The current lease's expiry bounds it, because an expiring lease changes nothing
+        in the store that could wake the waiter.
+        """
+        lease = self.get(name)
+        bound = remaining
+        if lease is not None and lease.expires_at is not None:
+            until_expiry = max(0.0, lease.expires_at - self.now()) + 0.001
+            bound = until_expiry if bound is None else min(bound, until_expiry)
+        return bound
+
+    def waiter(self, name: str) -> "Waiter":
+        """Something to block on until ``name`` may have changed; polling by default."""
+        return BackoffWaiter()
+
+    def now(self) -> float:
+        """The store's clock, in seconds since the epoch."""
+        return time.time()
+
+    def close(self) -> None:
+        """Release the adapter's resources; held leases stay in the store."""
+
+
+class Waiter:
+    """Blocks until the lock it watches may have changed. Wake-ups may be spurious."""
+
+    def wait(self, timeout: Optional[float]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free what the waiter holds."""
+
+    def __enter__(self) -> "Waiter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BackoffWaiter(Waiter):
+    """The fallback where the store cannot push: sleeps from 1 ms up to ``cap``, jittered.
+
+    Jitter keeps a crowd of waiters from retrying in lock-step; the cap bounds how late
+    a waiter notices a release on a store that cannot tell it.
+    """
+
+    def __init__(self, cap: float = 0.1) -> None:
+        self._delay = 0.001
+        self._cap = cap
+
+    def wait(self, timeout: Optional[float]) -> None:
+        delay = self._delay * random.uniform(0.5, 1.5)
+        if timeout is not None:
+            delay = min(delay, timeout)
+        self._delay = min(self._delay * 2, self._cap)
+        time.sleep(max(0.0, delay))
+
+
+def store_error(url: str, action: str, exc: BaseException) -> BrokerLockError:
+    """A :class:`BrokerLockError` that names the store and what failed."""
+    return BrokerLockError(f"{url}: could not {action}: {exc}")
+
+

@@ -1,0 +1,23 @@
+"""The exceptions brokerlock raises; every one derives from :class:`BrokerLockError`."""
+
+from __future__ import annotations
+
+
+class BrokerLockError(Exception):
+    """Base class of every error brokerlock raises on purpose.
+
+    Store failures (unreadable database, lock directory gone, server down) are
+    reported with this class, never as the driver's own exception.
+    """
+
+
+class LockTimeout(BrokerLockError, TimeoutError):
+    """The lock could not be acquired before the item's ``timeout`` ran out."""
+
+
+class LockLost(BrokerLockError):
+    """The calling thread's lease ended before it released or extended it.
+
+    It expired, was taken over by the next waiter, or was broken by
+    ``release --force``: the critical section was not protected to its end.
+    """

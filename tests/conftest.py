@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import os
+import sys
+from typing import Iterator
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from stores import STORES, StoreFactory  # noqa: E402
+
+from brokerlock import Adapter  # noqa: E402
+
+
+@pytest.fixture(params=sorted(STORES))
+def make_store(request: pytest.FixtureRequest, tmp_path: str) -> Iterator[StoreFactory]:
+    """A factory of adapters on one fresh store of each back end in turn.
+
+    Each call gives a new adapter (a new connection, as another process would have)
+    onto the same store.
+    """
+    made = []
+    factory = STORES[request.param](str(tmp_path))
+
+    def make() -> Adapter:
+        adapter = factory()
+        made.append(adapter)
+        return adapter
+
+    yield make
+    for adapter in made:
+        adapter.close()
+
+
+@pytest.fixture
+def store(make_store: StoreFactory) -> Adapter:
+    return make_store()

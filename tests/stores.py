@@ -1,0 +1,53 @@
+"""Every back end the contract suite runs on, as factories of fresh, private stores.
+
+A new back end is one entry in ``STORES``. Server back ends use the real servers that
+``tests/servers.py`` starts; without them they skip on a developer machine and fail in
+CI (``CI`` set), so CI can never pass by skipping them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict
+
+import pytest
+
+from brokerlock import Adapter, FileAdapter, MemoryAdapter, SQLiteAdapter
+
+StoreFactory = Callable[[], Adapter]
+
+
+def need(what: str, how: str) -> None:
+    """Skip (developer machine) or fail (CI) when a test's server is missing."""
+    message = f"{what} is not available: {how}"
+    if os.environ.get("CI"):
+        pytest.fail(message + " (CI must run these tests, not skip them)")
+    pytest.skip(message)
+
+
+def memory_store(tmp_path: str) -> StoreFactory:
+    store = MemoryAdapter()
+    # One store shared by every adapter the test makes, as the others share a file.
+    return lambda: store
+
+
+def sqlite_store(tmp_path: str) -> StoreFactory:
+    return lambda: SQLiteAdapter(os.path.join(tmp_path, "locks.sqlite3"))
+
+
+def file_store(tmp_path: str) -> StoreFactory:
+    return lambda: FileAdapter(os.path.join(tmp_path, "locks"))
+
+
+STORES: Dict[str, Callable[[str], StoreFactory]] = {
+    "memory": memory_store,
+    "sqlite": sqlite_store,
+    "file": file_store,
+}
+
+#: Back ends whose stores another process can reach (for multi-process tests).
+SHARED = ["sqlite", "file"]
+
+
+def url_of(adapter: Adapter) -> str:
+    return adapter.url
