@@ -13,8 +13,8 @@ from .lock import BrokerLock, BrokerLockItem
 from .urls import default_url
 
 if TYPE_CHECKING:
-    from .adapters.postgres import PostgresAdapter
-    from .adapters.redis import RedisAdapter
+    from .adapters.postgres import PostgresAdapter as PostgresAdapter
+    from .adapters.redis import RedisAdapter as RedisAdapter
 
 __version__ = "0.1.0"
 

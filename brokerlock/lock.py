@@ -51,7 +51,7 @@ class BrokerLock:
         self.adapter = adapter
 
     @classmethod
-    def from_url(cls, url: str) -> "BrokerLock":
+    def from_url(cls, url: str) -> BrokerLock:
         """``sqlite:///rel.db``, ``sqlite:////abs.db``, ``file:///dir``, ``memory://``..."""
         from .urls import adapter_from_url
 
@@ -59,7 +59,7 @@ class BrokerLock:
 
     def item(
         self, name: str, ttl: Duration = "2m", timeout: Duration = "30s"
-    ) -> "BrokerLockItem":
+    ) -> BrokerLockItem:
         """A handle on the lock ``name``; creating it touches no store."""
         return BrokerLockItem(self, name, ttl=ttl, timeout=timeout)
 
@@ -130,14 +130,14 @@ class BrokerLockItem:
             )
         return Request(self.name, secrets.token_hex(16), self.ttl)
 
-    def _took(self, lease: Lease, waited: float) -> "BrokerLockItem":
+    def _took(self, lease: Lease, waited: float) -> BrokerLockItem:
         self._local.hold = _Hold(lease)
         log.debug(
             "acquired %r fence %d after %.6fs (%s)", self.name, lease.fence, waited, self._adapter.url
         )
         return self
 
-    def acquire(self) -> "BrokerLockItem":
+    def acquire(self) -> BrokerLockItem:
         """Block until the lock is held; :class:`LockTimeout` once ``timeout`` passes."""
         request = self._request()
         started = time.monotonic()
@@ -153,7 +153,7 @@ class BrokerLockItem:
             )
         return self._took(lease, waited)
 
-    def try_acquire(self) -> Optional["BrokerLockItem"]:
+    def try_acquire(self) -> Optional[BrokerLockItem]:
         """One attempt that never waits: the item if acquired, else ``None``."""
         lease = self._adapter.try_acquire(self._request())
         return None if lease is None else self._took(lease, 0.0)
@@ -201,7 +201,7 @@ class BrokerLockItem:
         return self._adapter.get(self.name) is not None
 
     @contextmanager
-    def hold(self) -> Iterator["BrokerLockItem"]:
+    def hold(self) -> Iterator[BrokerLockItem]:
         """``with item.hold():`` acquire, run the block, release, exceptions included.
 
         If the block raised, its exception propagates even when the lease was also lost
@@ -218,7 +218,7 @@ class BrokerLockItem:
             raise
         self.release()
 
-    def __enter__(self) -> "BrokerLockItem":
+    def __enter__(self) -> BrokerLockItem:
         return self.acquire()
 
     def __exit__(

@@ -50,7 +50,8 @@ def adapter_from_url(url: str) -> Adapter:
                 f"write {scheme}:///relative or {scheme}:////absolute"
             )
         if parts.query or parts.fragment:
-            raise ValueError(f"store URL {url!r} has options ({parts.query or parts.fragment!r}) we do not know")
+            extra = parts.query or parts.fragment
+            raise ValueError(f"store URL {url!r} has options ({extra!r}) we do not know")
         path = unquote(parts.path)
         if scheme == "sqlite":
             # sqlite:///rel.db -> "rel.db", sqlite:////abs.db -> "/abs.db" (SQLAlchemy's rule)

@@ -8,9 +8,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from stores import STORES, StoreFactory  # noqa: E402
+from stores import STORES, StoreFactory
 
-from brokerlock import Adapter  # noqa: E402
+from brokerlock import Adapter
 
 
 @pytest.fixture(params=sorted(STORES))

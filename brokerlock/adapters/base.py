@@ -134,7 +134,7 @@ class Adapter(abc.ABC):
             bound = until_expiry if bound is None else min(bound, until_expiry)
         return bound
 
-    def waiter(self, name: str) -> "Waiter":
+    def waiter(self, name: str) -> Waiter:
         """Something to block on until ``name`` may have changed; polling by default."""
         return BackoffWaiter()
 
@@ -142,7 +142,7 @@ class Adapter(abc.ABC):
         """The store's clock, in seconds since the epoch."""
         return time.time()
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional: most adapters have nothing to free)
         """Release the adapter's resources; held leases stay in the store."""
 
 
@@ -155,7 +155,7 @@ class Waiter:
     def close(self) -> None:
         """Free what the waiter holds."""
 
-    def __enter__(self) -> "Waiter":
+    def __enter__(self) -> Waiter:
         return self
 
     def __exit__(self, *exc: object) -> None:

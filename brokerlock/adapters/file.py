@@ -50,7 +50,7 @@ def file_name(name: str) -> str:
 
 class FileAdapter(Adapter):
     def __init__(
-        self, directory: "str | os.PathLike[str]", *, clock: Callable[[], float] = time.time
+        self, directory: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
     ) -> None:
         if not HAVE_FCNTL:
             import sys
@@ -171,7 +171,13 @@ class FileAdapter(Adapter):
         path = self._path(name)
         if not os.path.exists(path):
             return None
-        return self._update(name, "read", lambda r: (self._lease(r) if self._holds(r, self._clock()) else None, None))  # type: ignore[no-any-return]  # noqa: E501
+
+        def look(record: Optional[Record]) -> Tuple[Optional[Lease], None]:
+            if record is None or not self._holds(record, self._clock()):
+                return None, None
+            return self._lease(record), None
+
+        return self._update(name, "read", look)  # type: ignore[no-any-return]
 
     def list(self) -> List[Lease]:
         try:

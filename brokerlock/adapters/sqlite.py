@@ -66,7 +66,7 @@ BUSY_TIMEOUT = 30.0
 
 class SQLiteAdapter(Adapter):
     def __init__(
-        self, path: "str | os.PathLike[str]", *, clock: Callable[[], float] = time.time
+        self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
     ) -> None:
         path = os.fspath(path)
         if not isinstance(path, str) or not path or path == ":memory:" or path.startswith("file:"):
