@@ -1,12 +1,13 @@
 """The public façade: :class:`BrokerLock` and its named :class:`BrokerLockItem`.
 
 An item can be shared by many threads (a service holding one injected item): each
-thread contends as a holder of its own, with its own token, so ``acquired``, ``fence``
-and ``release()`` are per thread. The adapter below knows nothing of threads.
+thread contends as a holder of its own, with its own token, so ``acquired``, ``fence``,
+``lost`` and ``release()`` are per thread. The adapter below knows nothing of threads.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -14,24 +15,77 @@ import threading
 import time
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Iterator, Optional, Type
+from typing import Any, Callable, Iterator, Optional, Type, TypeVar
 
 from .adapters.base import Adapter, Lease, Request
 from .durations import Duration, format_duration, parse_duration
 from .errors import BrokerLockError, LockLost, LockTimeout
 from .names import validate_name
+from .renewer import MAX_RETRY_DELAY, RENEW_AT, renewer
 
 log = logging.getLogger("brokerlock")
 
+F = TypeVar("F", bound=Callable[..., Any])
+OnLost = Callable[["BrokerLockItem"], None]
 
-class _Hold:
-    """One thread's hold of one item."""
 
-    __slots__ = ("lease", "pid")
+class Hold:
+    """One thread's hold of one item: its lease and what the holder knows of it.
 
-    def __init__(self, lease: Lease) -> None:
+    ``expires`` is the monotonic time by which the lease ends at the latest, counted
+    from *before* the store was asked, so it is never optimistic. ``mutex`` orders the
+    renewer's extends against the owner's extend and release.
+    """
+
+    def __init__(self, item: BrokerLockItem, lease: Lease, asked: float, keepalive: bool) -> None:
+        self.item = item
         self.lease = lease
+        self.ttl = item.ttl
         self.pid = os.getpid()
+        self.expires = None if self.ttl is None else asked + self.ttl
+        self.keepalive = keepalive and self.ttl is not None
+        self.lost = False
+        self.ended = False
+        self.mutex = threading.Lock()
+
+    @property
+    def finished(self) -> bool:
+        return self.ended or self.lost
+
+    def remaining(self) -> Optional[float]:
+        if self.lost:
+            return 0.0
+        if self.expires is None:
+            return None
+        return max(0.0, self.expires - time.monotonic())
+
+    def renew(self) -> Optional[float]:
+        """Extend the lease once, for the renewer; the next due time, or ``None``."""
+        assert self.ttl is not None
+        with self.mutex:
+            if self.finished:
+                return None
+            asked = time.monotonic()
+            try:
+                lease = self.item._adapter.extend(self.item.name, self.lease.token, self.ttl)
+            except Exception as exc:
+                assert self.expires is not None
+                left = self.expires - time.monotonic()
+                if left > 0:
+                    log.warning(
+                        "renewing lock %r fence %d failed, retrying (%.3fs of lease left): %s",
+                        self.item.name, self.lease.fence, left, exc,
+                    )
+                    return time.monotonic() + min(MAX_RETRY_DELAY, self.ttl * RENEW_AT / 4, left / 2)
+                lease, why = None, f"could not renew before the lease ran out: {exc}"
+            else:
+                why = "the store no longer has its lease (expired, taken over or broken)"
+            if lease is not None:
+                self.lease, self.expires = lease, asked + self.ttl
+                log.debug("renewed %r fence %d", self.item.name, lease.fence)
+                return asked + self.ttl * RENEW_AT
+        self.item._mark_lost(self, why)
+        return None
 
 
 class BrokerLock:
@@ -58,10 +112,16 @@ class BrokerLock:
         return cls(adapter_from_url(url))
 
     def item(
-        self, name: str, ttl: Duration = "2m", timeout: Duration = "30s"
+        self,
+        name: str,
+        ttl: Duration = "2m",
+        timeout: Duration = "30s",
+        *,
+        keepalive: bool = False,
+        on_lost: Optional[OnLost] = None,
     ) -> BrokerLockItem:
         """A handle on the lock ``name``; creating it touches no store."""
-        return BrokerLockItem(self, name, ttl=ttl, timeout=timeout)
+        return BrokerLockItem(self, name, ttl=ttl, timeout=timeout, keepalive=keepalive, on_lost=on_lost)
 
     def close(self) -> None:
         self.adapter.close()
@@ -73,37 +133,58 @@ class BrokerLock:
 class BrokerLockItem:
     """One named lock with its lease (``ttl``) and wait bound (``timeout``).
 
-    Not reentrant: acquiring what the calling thread already holds raises.
+    Not reentrant: acquiring what the calling thread already holds raises. With
+    ``keepalive``, the process's renewer thread extends every hold's lease at a third
+    of its ttl; ``on_lost(item)`` is called once per hold whose lease is lost, by
+    whichever thread learns of it first, and what it raises is logged, not propagated.
     """
 
-    def __init__(self, lock: BrokerLock, name: str, ttl: Duration, timeout: Duration) -> None:
+    def __init__(
+        self,
+        lock: BrokerLock,
+        name: str,
+        ttl: Duration,
+        timeout: Duration,
+        keepalive: bool = False,
+        on_lost: Optional[OnLost] = None,
+    ) -> None:
         self.name = validate_name(name)
         self.ttl = parse_duration(ttl, "ttl")
         if self.ttl == 0:
             raise ValueError("ttl must be longer than 0 (use None for a lease without expiry)")
         self.timeout = parse_duration(timeout, "timeout")
+        if on_lost is not None and not callable(on_lost):
+            raise TypeError(f"on_lost must be callable, not {on_lost!r}")
+        self.keepalive = bool(keepalive)
+        self.on_lost = on_lost
         self._lock = lock
         self._adapter = lock.adapter
         self._local = threading.local()
 
     # -- per-thread state ------------------------------------------------------
-    def _hold(self) -> Optional[_Hold]:
-        hold: Optional[_Hold] = getattr(self._local, "hold", None)
+    def _current(self) -> Optional[Hold]:
+        """The calling thread's hold, lost or not."""
+        hold: Optional[Hold] = getattr(self._local, "hold", None)
         if hold is not None and hold.pid != os.getpid():
             # Inherited through fork(): the child holds none of its parent's locks.
             self._local.hold = hold = None
         return hold
 
-    def _require_hold(self, action: str) -> _Hold:
-        hold = self._hold()
-        if hold is None:
-            raise BrokerLockError(f"cannot {action} lock {self.name!r}: this thread does not hold it")
-        return hold
+    def _hold(self) -> Optional[Hold]:
+        """The calling thread's hold while it is not known to be lost."""
+        hold = self._current()
+        return None if hold is None or hold.lost else hold
 
     @property
     def acquired(self) -> bool:
-        """Whether the calling thread holds this lock (by its own record)."""
+        """Whether the calling thread holds this lock, as far as it knows."""
         return self._hold() is not None
+
+    @property
+    def lost(self) -> bool:
+        """Whether the calling thread's last hold was lost; false again once it acquires."""
+        hold = self._current() or getattr(self._local, "last", None)
+        return hold is not None and hold.pid == os.getpid() and hold.lost
 
     @property
     def fence(self) -> Optional[int]:
@@ -122,6 +203,13 @@ class BrokerLockItem:
         hold = self._hold()
         return None if hold is None else hold.lease
 
+    def remaining(self) -> Optional[float]:
+        """Seconds left on the calling thread's lease by the monotonic clock, never
+        optimistic; ``None`` when it holds nothing or the lease has no ttl, ``0.0``
+        once the lease is known to be lost."""
+        hold = self._current()
+        return None if hold is None else hold.remaining()
+
     # -- acquiring -------------------------------------------------------------
     def _request(self) -> Request:
         if self._hold() is not None:
@@ -130,20 +218,24 @@ class BrokerLockItem:
             )
         return Request(self.name, secrets.token_hex(16), self.ttl)
 
-    def _took(self, lease: Lease, waited: float) -> BrokerLockItem:
-        self._local.hold = _Hold(lease)
+    def _took(self, lease: Lease, asked: float, keepalive: Optional[bool]) -> BrokerLockItem:
+        hold = Hold(self, lease, asked, self.keepalive if keepalive is None else keepalive)
+        self._local.hold, self._local.last = hold, None
+        if hold.keepalive:
+            renewer().add(hold)
         log.debug(
-            "acquired %r fence %d after %.6fs (%s)", self.name, lease.fence, waited, self._adapter.url
+            "acquired %r fence %d after %.6fs on %s",
+            self.name, lease.fence, time.monotonic() - asked, self._adapter.url,
         )
         return self
 
-    def acquire(self) -> BrokerLockItem:
+    def acquire(self, *, keepalive: Optional[bool] = None) -> BrokerLockItem:
         """Block until the lock is held; :class:`LockTimeout` once ``timeout`` passes."""
         request = self._request()
-        started = time.monotonic()
+        asked = time.monotonic()
         lease = self._adapter.acquire(request, self.timeout)
-        waited = time.monotonic() - started
         if lease is None:
+            waited = time.monotonic() - asked
             holder = self._adapter.get(self.name)
             who = holder.describe() if holder is not None else "its holder just released it"
             log.debug("timed out on %r after %.3fs", self.name, waited)
@@ -151,31 +243,54 @@ class BrokerLockItem:
                 f"could not acquire lock {self.name!r} within {format_duration(self.timeout)} "
                 f"(waited {format_duration(waited)}): {who}"
             )
-        return self._took(lease, waited)
+        return self._took(lease, asked, keepalive)
 
-    def try_acquire(self) -> Optional[BrokerLockItem]:
+    def try_acquire(self, *, keepalive: Optional[bool] = None) -> Optional[BrokerLockItem]:
         """One attempt that never waits: the item if acquired, else ``None``."""
-        lease = self._adapter.try_acquire(self._request())
-        return None if lease is None else self._took(lease, 0.0)
+        request = self._request()
+        asked = time.monotonic()
+        lease = self._adapter.try_acquire(request)
+        return None if lease is None else self._took(lease, asked, keepalive)
 
     # -- holding ---------------------------------------------------------------
+    def _mark_lost(self, hold: Hold, why: str) -> None:
+        """Record the loss once, however many parties learn of it."""
+        with hold.mutex:
+            if hold.lost:
+                return
+            hold.lost = True
+        log.warning("lost lock %r fence %d: %s", self.name, hold.lease.fence, why)
+        if self.on_lost is not None:
+            try:
+                self.on_lost(self)
+            except Exception:
+                log.exception("on_lost callback of lock %r raised", self.name)
+
+    def _lost_error(self, hold: Hold, when: str) -> LockLost:
+        return LockLost(
+            f"lock {self.name!r} (fence {hold.lease.fence}) was lost before {when}: its lease "
+            f"of {format_duration(self.ttl)} ran out, was taken over or was broken"
+        )
+
     def release(self) -> None:
         """Free the lock. A no-op when the calling thread holds nothing.
 
         Raises :class:`LockLost` when the lease had ended before this call (expired,
         taken over, broken): someone else may have run the critical section meanwhile.
+        The hold ends either way, also when the store cannot be reached (then
+        :class:`BrokerLockError`: the lease ends by its ttl or with this process).
         """
-        hold = self._hold()
+        hold = self._current()
         if hold is None:
             return
+        with hold.mutex:
+            hold.ended = True
+            known_lost = hold.lost
+        self._local.hold, self._local.last = None, hold
         intact = self._adapter.release(self.name, hold.lease.token)
-        self._local.hold = None
-        if not intact:
-            log.warning("lock %r fence %d was lost before its release", self.name, hold.lease.fence)
-            raise LockLost(
-                f"lock {self.name!r} (fence {hold.lease.fence}) was lost before release: its "
-                f"lease of {format_duration(self.ttl)} ran out or it was broken"
-            )
+        if known_lost or not intact:
+            self._mark_lost(hold, "its lease had ended before the release")
+            raise self._lost_error(hold, "release")
         log.debug("released %r fence %d", self.name, hold.lease.fence)
 
     def extend(self, ttl: Duration = None) -> None:
@@ -187,13 +302,20 @@ class BrokerLockItem:
         seconds = self.ttl if ttl is None else parse_duration(ttl, "ttl")
         if seconds == 0:
             raise ValueError("ttl must be longer than 0")
-        hold = self._require_hold("extend")
-        lease = self._adapter.extend(self.name, hold.lease.token, seconds)
+        hold = self._current()
+        if hold is None:
+            raise BrokerLockError(f"cannot extend lock {self.name!r}: this thread does not hold it")
+        with hold.mutex:
+            asked = time.monotonic()
+            lease = None if hold.lost else self._adapter.extend(self.name, hold.lease.token, seconds)
+            if lease is not None:
+                hold.lease = lease
+                hold.expires = None if seconds is None else asked + seconds
         if lease is None:
-            self._local.hold = None
-            log.warning("lock %r fence %d was lost before extend", self.name, hold.lease.fence)
-            raise LockLost(f"lock {self.name!r} (fence {hold.lease.fence}) was lost before extend")
-        hold.lease = lease
+            self._local.hold, self._local.last = None, hold
+            hold.ended = True
+            self._mark_lost(hold, "its lease had ended before extend()")
+            raise self._lost_error(hold, "extend")
         log.debug("extended %r fence %d by %s", self.name, lease.fence, format_duration(seconds))
 
     def is_reserved(self) -> bool:
@@ -201,22 +323,26 @@ class BrokerLockItem:
         return self._adapter.get(self.name) is not None
 
     @contextmanager
-    def hold(self) -> Iterator[BrokerLockItem]:
+    def hold(self, keepalive: Optional[bool] = None) -> Iterator[BrokerLockItem]:
         """``with item.hold():`` acquire, run the block, release, exceptions included.
 
-        If the block raised, its exception propagates even when the lease was also lost
-        (the loss is logged); otherwise a lost lease raises :class:`LockLost` here.
+        ``keepalive`` overrides the item's setting for this hold. If the block raised,
+        its exception propagates even when the lease was also lost (the loss is logged
+        at WARNING); otherwise a lost lease raises :class:`LockLost` here.
         """
-        self.acquire()
+        self.acquire(keepalive=keepalive)
         try:
             yield self
         except BaseException:
-            try:
-                self.release()
-            except LockLost:
-                pass  # already logged at WARNING; the block's own error matters more
+            self._release_quietly()
             raise
         self.release()
+
+    def _release_quietly(self) -> None:
+        try:
+            self.release()
+        except LockLost:
+            pass  # logged at WARNING; the block's own error matters more
 
     def __enter__(self) -> BrokerLockItem:
         return self.acquire()
@@ -229,11 +355,18 @@ class BrokerLockItem:
     ) -> None:
         if exc_type is None:
             self.release()
-            return
-        try:
-            self.release()
-        except LockLost:
-            pass  # logged at WARNING; the block's own error propagates
+        else:
+            self._release_quietly()
+
+    def __call__(self, fn: F) -> F:
+        """``@item`` runs each call of ``fn`` under ``item.hold()``."""
+
+        @functools.wraps(fn)
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with self.hold():
+                return fn(*args, **kwargs)
+
+        return locked  # type: ignore[return-value]
 
     def __repr__(self) -> str:
         return (
