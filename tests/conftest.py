@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from servers import postgres_server, redis_server  # noqa: F401  (session fixtures)
 from stores import STORES, StoreFactory
 
 from brokerlock import Adapter
@@ -21,7 +22,9 @@ def make_store(request: pytest.FixtureRequest, tmp_path: str) -> Iterator[StoreF
     onto the same store.
     """
     made = []
-    factory = STORES[request.param](str(tmp_path))
+    build = STORES[request.param]
+    servers = [request.getfixturevalue(name) for name in getattr(build, "needs", ())]
+    factory = build(str(tmp_path), *servers)
 
     def make() -> Adapter:
         adapter = factory()

@@ -8,7 +8,8 @@ CI (``CI`` set), so CI can never pass by skipping them.
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict
+import uuid
+from typing import Any, Callable, Dict
 
 import pytest
 
@@ -39,14 +40,36 @@ def file_store(tmp_path: str) -> StoreFactory:
     return lambda: FileAdapter(os.path.join(tmp_path, "locks"))
 
 
-STORES: Dict[str, Callable[[str], StoreFactory]] = {
+def redis_store(tmp_path: str, server: Any) -> StoreFactory:
+    from brokerlock import RedisAdapter
+
+    # A fresh store is a fresh key prefix on the session's server.
+    url = f"{server.url}?prefix=test-{uuid.uuid4().hex[:12]}%3A"
+    return lambda: RedisAdapter(url)
+
+
+def postgres_store(tmp_path: str, server: Any) -> StoreFactory:
+    from brokerlock import PostgresAdapter
+
+    # A fresh store is a fresh table in the session's cluster.
+    dsn = f"{server.dsn}?table=t_{uuid.uuid4().hex[:12]}"
+    return lambda: PostgresAdapter(dsn)
+
+
+#: The session fixtures (tests/servers.py) a store factory takes after ``tmp_path``.
+redis_store.needs = ("redis_server",)  # type: ignore[attr-defined]
+postgres_store.needs = ("postgres_server",)  # type: ignore[attr-defined]
+
+STORES: Dict[str, Callable[..., StoreFactory]] = {
     "memory": memory_store,
     "sqlite": sqlite_store,
     "file": file_store,
+    "redis": redis_store,
+    "postgres": postgres_store,
 }
 
 #: Back ends whose stores another process can reach (for multi-process tests).
-SHARED = ["sqlite", "file"]
+SHARED = ["sqlite", "file", "redis", "postgres"]
 
 
 def url_of(adapter: Adapter) -> str:

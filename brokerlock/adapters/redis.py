@@ -1,0 +1,349 @@
+"""Redis store: one hash per held lock, changed only by Lua scripts that run atomically.
+
+Keys, all under the prefix (``brokerlock:`` by default):
+
+``<prefix>lock:<name>``
+    The lease (a hash: name, token, fence, times, holder), expiring with the lease by
+    Redis's own ``PEXPIRE``, so the server's clock ends it and no client clock is used.
+``<prefix>fence:<name>``
+    The name's fence counter. It never expires. A new fence is
+    ``max(counter + 1, server time in microseconds)``: a counter lost to a restart
+    without persistence or to a failover that dropped recent writes restarts above
+    every fence handed out before, as long as the server's clock does not run back.
+``<prefix>signal:<name>``
+    The wake-up list. ``release`` and ``force_release`` push one element; a waiter
+    blocks in ``BLPOP`` on it. Redis serves blocked clients first come, first served
+    and hands the element to exactly one of them, so a release wakes the longest
+    waiter rather than the whole crowd. Leases that simply expire push nothing, so
+    waiters also re-check by the lease's expiry, and at least every second in case a
+    woken waiter died before it could take the lock.
+
+A holder that dies keeps its lock until its ttl runs out: choose ttls with that in
+mind (PostgreSQL frees a dead holder's lock at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, TypeVar
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+from ..errors import BrokerLockError
+from .base import Adapter, Lease, Request, Waiter
+
+if TYPE_CHECKING:
+    import redis
+
+log = logging.getLogger("brokerlock")
+
+T = TypeVar("T")
+
+#: Connecting to a server that does not answer gives up after this many seconds.
+CONNECT_TIMEOUT = 5.0
+#: A command whose reply does not come within this many seconds fails.
+SOCKET_TIMEOUT = 10.0
+#: Waiters look again at least this often, whatever they were told.
+RECHECK = 1.0
+#: A wake-up nobody took is dropped after this many milliseconds.
+SIGNAL_TTL_MS = 10_000
+
+_ACQUIRE = """
+local held = redis.call('HGET', KEYS[1], 'token')
+if held then
+    if held ~= ARGV[1] then return false end
+    -- Our own lease: this is a retry of a call whose reply was lost.
+    return redis.call('HMGET', KEYS[1], 'fence', 'acquired_us', 'expires_us')
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local fence = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, now)
+fence = string.format('%.0f', fence)
+redis.call('SET', KEYS[2], fence)
+local expires = ''
+if ARGV[2] ~= '' then expires = string.format('%.0f', now + tonumber(ARGV[2]) * 1000) end
+local acquired = string.format('%.0f', now)
+redis.call('HSET', KEYS[1], 'name', ARGV[3], 'token', ARGV[1], 'fence', fence,
+    'acquired_us', acquired, 'expires_us', expires,
+    'host', ARGV[4], 'pid', ARGV[5], 'thread', ARGV[6])
+if ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return {fence, acquired, expires}
+"""
+
+_SIGNAL = """
+if redis.call('LLEN', KEYS[2]) == 0 then redis.call('RPUSH', KEYS[2], '1') end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+"""
+
+# An expired lease's key is already gone, so "token matches" also means "still live".
+_RELEASE = (
+    """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+"""
+    + _SIGNAL
+    + "return 1"
+)
+
+_FORCE_RELEASE = (
+    """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[1])
+"""
+    + _SIGNAL
+    + "return 1"
+)
+
+_EXTEND = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return false end
+local expires = ''
+if ARGV[2] ~= '' then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+    expires = string.format('%.0f', now + tonumber(ARGV[2]) * 1000)
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+else
+    redis.call('PERSIST', KEYS[1])
+end
+redis.call('HSET', KEYS[1], 'expires_us', expires)
+return redis.call('HGETALL', KEYS[1])
+"""
+
+
+def _driver() -> Any:
+    try:
+        import redis
+    except ImportError:
+        raise BrokerLockError(
+            "RedisAdapter needs the redis package: pip install brokerlock[redis]"
+        ) from None
+    return redis
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _seconds(micros: Any) -> Optional[float]:
+    text = _text(micros) if micros is not None else ""
+    return int(text) / 1e6 if text else None
+
+
+def _ttl_ms(ttl: Optional[float]) -> str:
+    # Rounded up, so a lease never ends before the ttl asked for; PX needs >= 1.
+    return "" if ttl is None else str(max(1, math.ceil(ttl * 1000 - 1e-6)))
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class RedisAdapter(Adapter):
+    """Locks in one Redis server (or one primary with replicas; see the README).
+
+    ``url_or_client`` is a ``redis://`` or ``rediss://`` URL (``?prefix=`` overrides
+    ``prefix``) or a ``redis.Redis`` client, whose pool and settings are used as given.
+    """
+
+    def __init__(self, url_or_client: str | redis.Redis, prefix: str = "brokerlock:") -> None:
+        driver = _driver()
+        self._errors = (driver.exceptions.RedisError,)
+        if isinstance(url_or_client, str):
+            url, prefix = self._split_url(url_or_client, prefix)
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            # One immediate retry on a dropped connection lets the first call after a
+            # server restart reconnect instead of failing; every script is safe to
+            # run twice (acquire recognises its own token). Timeouts are not retried:
+            # they already took the caller's time.
+            client = driver.Redis.from_url(
+                url,
+                socket_connect_timeout=CONNECT_TIMEOUT,
+                socket_timeout=SOCKET_TIMEOUT,
+                retry=Retry(NoBackoff(), 1, supported_errors=(driver.exceptions.ConnectionError,)),
+            )
+            self._own_client = True
+        elif isinstance(url_or_client, driver.Redis):
+            client = url_or_client
+            self._own_client = False
+        else:
+            raise TypeError(
+                "RedisAdapter needs a redis:// URL or a redis.Redis client, not "
+                f"{type(url_or_client).__name__}: {url_or_client!r}"
+            )
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, not {type(prefix).__name__}: {prefix!r}")
+        self.prefix = prefix
+        self._client: redis.Redis = client
+        kwargs: Dict[str, Any] = client.connection_pool.connection_kwargs
+        if kwargs.get("path"):
+            self.server = str(kwargs["path"])
+        else:
+            self.server = f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+        self.url = self._display_url(kwargs)
+        socket_timeout = kwargs.get("socket_timeout")
+        # A BLPOP must end well before the socket gives up on its reply, or the wake-up
+        # it carried would be popped on the server and lost on the way.
+        self._block_cap = RECHECK if not socket_timeout else min(RECHECK, socket_timeout / 2)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._release = client.register_script(_RELEASE)
+        self._force = client.register_script(_FORCE_RELEASE)
+        self._extend = client.register_script(_EXTEND)
+
+    @staticmethod
+    def _split_url(url: str, prefix: str) -> tuple[str, str]:
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        for key, value in query:
+            if key == "prefix":
+                prefix = value
+        rest = urlencode([(k, v) for k, v in query if k != "prefix"])
+        return urlunsplit(parts._replace(query=rest)), prefix
+
+    def _display_url(self, kwargs: Dict[str, Any]) -> str:
+        """A URL that reaches this store again, without the password."""
+        user = kwargs.get("username")
+        auth = quote(user, safe="") + "@" if user else ""
+        if kwargs.get("path"):
+            base = f"unix://{auth}{kwargs['path']}?db={kwargs.get('db', 0)}"
+            sep = "&"
+        else:
+            ssl = issubclass(self._client.connection_pool.connection_class, _driver().SSLConnection)
+            scheme = "rediss" if ssl else "redis"
+            base = f"{scheme}://{auth}{self.server}/{kwargs.get('db', 0)}"
+            sep = "?"
+        if self.prefix != "brokerlock:":
+            base += sep + urlencode({"prefix": self.prefix})
+        return base
+
+    # -- plumbing ---------------------------------------------------------------
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self.prefix}{kind}:{name}"
+
+    def _run(self, action: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except self._errors as exc:
+            raise BrokerLockError(f"Redis at {self.server}: could not {action}: {exc}") from None
+
+    @staticmethod
+    def _lease(fields: Dict[str, Any]) -> Optional[Lease]:
+        if not fields.get("token"):
+            return None
+        acquired = _seconds(fields.get("acquired_us"))
+        return Lease(
+            name=_text(fields["name"]),
+            token=_text(fields["token"]),
+            fence=int(_text(fields["fence"])),
+            acquired_at=acquired if acquired is not None else 0.0,
+            expires_at=_seconds(fields.get("expires_us")),
+            host=_text(fields.get("host", "")),
+            pid=int(_text(fields.get("pid", "0")) or 0),
+            thread=_text(fields.get("thread", "")),
+        )
+
+    @staticmethod
+    def _fields(flat: Sequence[Any]) -> Dict[str, Any]:
+        return {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+
+    # -- the contract -----------------------------------------------------------
+    def now(self) -> float:
+        seconds, micros = self._run("read the server's clock", self._client.time)
+        return int(seconds) + int(micros) / 1e6
+
+    def try_acquire(self, request: Request) -> Optional[Lease]:
+        name = request.name
+        reply = self._run(
+            f"acquire {name!r}",
+            lambda: self._acquire(
+                keys=[self._key("lock", name), self._key("fence", name)],
+                args=[request.token, _ttl_ms(request.ttl), name, request.host,
+                      str(request.pid), request.thread],
+            ),
+        )
+        if not reply:
+            return None
+        fence, acquired, expires = reply
+        return Lease(
+            name, request.token, int(_text(fence)), _seconds(acquired) or 0.0,
+            _seconds(expires), request.host, request.pid, request.thread,
+        )
+
+    def release(self, name: str, token: str) -> bool:
+        released = self._run(
+            f"release {name!r}",
+            lambda: self._release(
+                keys=[self._key("lock", name), self._key("signal", name)],
+                args=[token, SIGNAL_TTL_MS],
+            ),
+        )
+        return bool(released)
+
+    def extend(self, name: str, token: str, ttl: Optional[float]) -> Optional[Lease]:
+        reply = self._run(
+            f"extend {name!r}",
+            lambda: self._extend(keys=[self._key("lock", name)], args=[token, _ttl_ms(ttl)]),
+        )
+        return self._lease(self._fields(reply)) if reply else None
+
+    def get(self, name: str) -> Optional[Lease]:
+        fields = self._run(f"read {name!r}", lambda: self._client.hgetall(self._key("lock", name)))
+        return self._lease({_text(k): v for k, v in fields.items()})
+
+    def list(self) -> List[Lease]:
+        def scan() -> List[Any]:
+            keys = list(self._client.scan_iter(match=_glob_escape(self.prefix) + "lock:*", count=500))
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            return pipe.execute()
+
+        leases = []
+        for fields in self._run("list the locks", scan):
+            # A lease that expired between SCAN and HGETALL reads as empty.
+            lease = self._lease({_text(k): v for k, v in fields.items()})
+            if lease is not None:
+                leases.append(lease)
+        return sorted(leases, key=lambda lease: lease.name)
+
+    def force_release(self, name: str) -> bool:
+        broken = self._run(
+            f"break {name!r}",
+            lambda: self._force(
+                keys=[self._key("lock", name), self._key("signal", name)], args=["", SIGNAL_TTL_MS]
+            ),
+        )
+        return bool(broken)
+
+    def waiter(self, name: str) -> Waiter:
+        return _SignalWaiter(self, name)
+
+    def _recheck_after(self, name: str, remaining: Optional[float]) -> Optional[float]:
+        bound = super()._recheck_after(name, remaining)
+        return RECHECK if bound is None else min(bound, RECHECK)
+
+    def close(self) -> None:
+        if self._own_client:
+            self._client.close()
+
+
+class _SignalWaiter(Waiter):
+    """Blocks in ``BLPOP`` on the name's signal list; a pop is one release's wake-up."""
+
+    def __init__(self, adapter: RedisAdapter, name: str) -> None:
+        self._adapter = adapter
+        self._name = name
+        self._key = adapter._key("signal", name)
+
+    def wait(self, timeout: Optional[float]) -> None:
+        block = self._adapter._block_cap if timeout is None else min(timeout, self._adapter._block_cap)
+        if block <= 0:
+            return
+        # BLPOP reads its timeout in milliseconds and 0 means "forever": never send less
+        # than one.
+        block = max(0.001, math.ceil(block * 1000) / 1000)
+        client = self._adapter._client
+        self._adapter._run(
+            f"wait for {self._name!r}", lambda: client.blpop([self._key], timeout=block)
+        )

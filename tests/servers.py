@@ -1,0 +1,234 @@
+"""Private Redis and PostgreSQL servers for the tests: real servers, never mocks.
+
+Each runs on a free loopback port in a temp directory for the whole session, and is
+stopped at the end. Without the binaries the tests skip on a developer machine and
+fail in CI (see ``stores.need``). As root, PostgreSQL runs as the ``postgres`` user
+(it refuses to run as root).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Any, Dict, Iterator, List, Optional
+
+import pytest
+from stores import need
+
+READY_WITHIN = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """A server process on a fixed port that can be stopped and started again."""
+
+    name = "server"
+
+    def __init__(self, workdir: str) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.log = os.path.join(workdir, f"{self.name}.log")
+
+    def command(self) -> List[str]:
+        raise NotImplementedError
+
+    def popen_options(self) -> Dict[str, Any]:
+        return {}
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.workdir, **self.popen_options(),
+            )
+        deadline = time.monotonic() + READY_WITHIN
+        while not self.ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} not ready within {READY_WITHIN}s:\n{self.tail()}")
+            time.sleep(0.01)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def tail(self) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                return "".join(f.readlines()[-20:])
+        except OSError:
+            return ""
+
+
+class RedisServer(Server):
+    name = "redis-server"
+
+    def __init__(self, binary: str, workdir: str) -> None:
+        super().__init__(workdir)
+        self.binary = binary
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> List[str]:
+        return [
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", self.workdir, "--daemonize", "no",
+        ]
+
+    def ready(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+def postgres_bindir() -> Optional[str]:
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/postgres"),
+        key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0,
+    )
+    if found:
+        return os.path.dirname(found[-1])
+    binary = shutil.which("postgres")
+    return os.path.dirname(binary) if binary else None
+
+
+class PostgresServer(Server):
+    name = "postgres"
+
+    def __init__(self, bindir: str, workdir: str, user: Optional[str]) -> None:
+        super().__init__(workdir)
+        self.bindir = bindir
+        self.user = user
+        self.data = os.path.join(workdir, "data")
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def popen_options(self) -> Dict[str, Any]:
+        if self.user is None:
+            return {}
+        info = pwd.getpwnam(self.user)
+        return {"user": info.pw_uid, "group": info.pw_gid, "extra_groups": []}
+
+    def initdb(self) -> None:
+        subprocess.run(
+            [os.path.join(self.bindir, "initdb"), "-D", self.data, "-U", "postgres",
+             "--auth=trust", "--no-sync", "--encoding=UTF8", "--locale=C"],
+            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=self.workdir,
+            **self.popen_options(),
+        )
+
+    def command(self) -> List[str]:
+        return [
+            os.path.join(self.bindir, "postgres"), "-D", self.data, "-k", self.workdir,
+            "-h", "127.0.0.1", "-p", str(self.port),
+            "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+            "-c", "max_connections=300", "-c", "shared_buffers=32MB",
+        ]
+
+    def stop(self, sig: int = signal.SIGINT) -> None:
+        # SIGINT is PostgreSQL's "fast" shutdown: it ends every session, as a restart does.
+        super().stop(sig)
+
+    def ready(self) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.dsn, connect_timeout=2) as conn:
+                conn.execute("SELECT 1")
+            return True
+        except psycopg.OperationalError:
+            return False
+
+
+def _workdir(owner: Optional[str]) -> str:
+    # Under /tmp rather than pytest's tmp_path: the postgres user must be able to reach it.
+    path = tempfile.mkdtemp(prefix="brokerlock-test-")
+    if owner is not None:
+        info = pwd.getpwnam(owner)
+        os.chown(path, info.pw_uid, info.pw_gid)
+    return path
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        need("redis-server", "install it (apt-get install redis-server) to run the Redis tests")
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        need("the redis package", "pip install brokerlock[redis]")
+    assert binary is not None
+    workdir = _workdir(None)
+    server = RedisServer(binary, workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    bindir = postgres_bindir()
+    if bindir is None or not os.path.exists(os.path.join(bindir, "initdb")):
+        need("PostgreSQL", "install it (apt-get install postgresql) to run the PostgreSQL tests")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        need("the psycopg package", "pip install brokerlock[postgres]")
+    assert bindir is not None
+    user = None
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            need("a 'postgres' system user", "PostgreSQL refuses to run as root; create the user")
+        user = "postgres"
+    workdir = _workdir(user)
+    server = PostgresServer(bindir, workdir, user)
+    try:
+        server.initdb()
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
