@@ -15,11 +15,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, List, Optional
 
 from .errors import BrokerLockError, LockLost, LockTimeout
-from .lock import BrokerLockItem
+from .lock import BrokerLock, BrokerLockItem
 
 EX_TEMPFAIL = 75
 EX_NOEXEC = 126  # found but cannot be executed, as a POSIX shell reports it
@@ -75,19 +76,24 @@ def _check_command(argv0: str) -> Optional[int]:
 
 class _Runner:
     def __init__(
-        self, item: BrokerLockItem, cmd: List[str], *, keepalive: bool, stop_on_loss: bool,
-        kill_after: float, say: Callable[[str], None],
+        self, cmd: List[str], *, keepalive: bool, stop_on_loss: bool, kill_after: float,
+        say: Callable[[str], None],
     ) -> None:
-        self.item, self.cmd, self.say = item, cmd, say
-        self.keepalive = keepalive and item.ttl is not None
-        self.stop_on_loss, self.kill_after = stop_on_loss, kill_after
+        self.cmd, self.say = cmd, say
+        self.keepalive, self.stop_on_loss, self.kill_after = keepalive, stop_on_loss, kill_after
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.starting = False
         self.pending: List[int] = []
-        self.wake_fd = -1
+        self.lost = False
+        # The wake-up pipe: signals (SIGCHLD included) and the renewer's loss reports
+        # write to it, the main loop sleeps on it. The mutex keeps the renewer thread
+        # from writing to the write end after restore() closed it (and the number
+        # perhaps went to another file).
+        self.wake_r = self.wake_w = -1
+        self.mutex = threading.Lock()
 
-    # -- signals -----------------------------------------------------------------
-    def _on_signal(self, signum: int, frame: Any) -> None:
+    # -- events --------------------------------------------------------------------
+    def on_signal(self, signum: int, frame: Any) -> None:
         if self.proc is not None:
             if signum != signal.SIGINT or not _terminal_sent_it():
                 self.proc.send_signal(signum)
@@ -96,52 +102,64 @@ class _Runner:
         else:
             raise _Interrupted(signum)
 
-    def _on_child(self, signum: int, frame: Any) -> None:
+    def on_child(self, signum: int, frame: Any) -> None:
         """Nothing to do: the handler exists so that the wake-up pipe hears of SIGCHLD."""
 
+    def on_lost(self, item: BrokerLockItem) -> None:
+        """Called by the library (often in its renewer thread) once the lease is lost."""
+        self.lost = True
+        with self.mutex:
+            if self.wake_w >= 0:
+                try:
+                    os.write(self.wake_w, b"L")
+                except OSError:
+                    pass  # the pipe is full: the loop wakes anyway
+
     def install(self) -> Callable[[], None]:
-        saved = [(s, signal.signal(s, self._on_signal)) for s in _FORWARDED]
+        saved = [(s, signal.signal(s, self.on_signal)) for s in _FORWARDED]
         saved_fd = None
         if sys.platform != "win32":
-            read_fd, write_fd = os.pipe()  # both close-on-exec
-            os.set_blocking(read_fd, False)
-            os.set_blocking(write_fd, False)
-            self.wake_fd = read_fd
-            saved.append((signal.SIGCHLD, signal.signal(signal.SIGCHLD, self._on_child)))
-            saved_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+            self.wake_r, self.wake_w = os.pipe()  # both close-on-exec
+            os.set_blocking(self.wake_r, False)
+            os.set_blocking(self.wake_w, False)
+            saved.append((signal.SIGCHLD, signal.signal(signal.SIGCHLD, self.on_child)))
+            saved_fd = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
 
         def restore() -> None:
             for signum, handler in saved:
                 signal.signal(signum, handler)
             if saved_fd is not None:
-                os.close(self.wake_fd)
-                os.close(signal.set_wakeup_fd(saved_fd))
+                signal.set_wakeup_fd(saved_fd)
+                with self.mutex:
+                    os.close(self.wake_r)
+                    os.close(self.wake_w)
+                    self.wake_r = self.wake_w = -1
 
         return restore
 
     def _wait(self, timeout: Optional[float]) -> Optional[int]:
-        """The child's exit code, or ``None`` if it still runs after ``timeout``."""
+        """The child's exit status, or ``None`` if it still runs after ``timeout``."""
         assert self.proc is not None
-        code = self.proc.poll()
-        if code is not None or timeout == 0:
-            return code
-        if self.wake_fd < 0:
+        status = self.proc.poll()
+        if status is not None or timeout == 0 or self.lost:
+            return status
+        if self.wake_r < 0:
             try:
                 return self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 return None
         import select
 
-        # SIGCHLD (or any handled signal) writes to the pipe, even when it arrives
-        # between poll() above and select() here: no wake-up can be lost.
-        select.select([self.wake_fd], [], [], timeout)
+        # Whatever happens between poll() above and select() here writes to the pipe,
+        # so no wake-up can be lost.
+        select.select([self.wake_r], [], [], timeout)
         try:
-            os.read(self.wake_fd, 512)
+            os.read(self.wake_r, 512)
         except BlockingIOError:
             pass
         return self.proc.poll()
 
-    # -- the hold ----------------------------------------------------------------
+    # -- the hold ------------------------------------------------------------------
     def start(self) -> Optional[int]:
         """Start the child; an exit code if it could not be started."""
         self.starting = True
@@ -156,85 +174,63 @@ class _Runner:
             self.proc.send_signal(signum)
         return None
 
-    def supervise(self) -> int:
-        """Wait for the child while renewing the lease; its exit code (75 on loss)."""
+    def supervise(self, item: BrokerLockItem) -> int:
+        """Wait for the child, acting on a lost lease; the exit code to end with."""
         assert self.proc is not None
-        ttl = self.item.ttl or 0.0
-        now = time.monotonic()
-        valid_until = now + ttl
-        renew_at: Optional[float] = now + ttl / 3 if self.keepalive else None
+        name = self.cmd[0]
         kill_at: Optional[float] = None
-        failing = False
-        lost = stopped = False
+        reported = stopped = False
         while True:
-            due = [t for t in (renew_at, kill_at) if t is not None]
-            status = self._wait(max(0.0, min(due) - time.monotonic()) if due else None)
+            timeout = None if kill_at is None else max(0.0, kill_at - time.monotonic())
+            if self.wake_r < 0 and self.keepalive:
+                timeout = 0.1 if timeout is None else min(timeout, 0.1)  # no pipe: poll for a loss
+            status = self._wait(timeout)
             if status is not None:
                 break
-            now = time.monotonic()
-            if kill_at is not None and now >= kill_at:
+            if self.lost and not reported:
+                # The library has already logged the loss and its reason (one line).
+                reported = True
+                if self.stop_on_loss:
+                    self.say(f"stopping {name!r} (SIGTERM now, SIGKILL in {self.kill_after:g}s): "
+                             "it must not go on without the lock")
+                    self.proc.terminate()
+                    stopped, kill_at = True, time.monotonic() + self.kill_after
+                else:
+                    self.say(f"letting {name!r} finish (--on-lost warn), no longer protected by the lock")
+            if kill_at is not None and time.monotonic() >= kill_at:
                 self.proc.kill()
                 kill_at = None
-            if renew_at is None or now < renew_at:
-                continue
-            reason = None
-            try:
-                self.item.extend()
-                valid_until, renew_at, failing = now + ttl, now + ttl / 3, False
-            except LockLost:
-                reason = "its lease was broken or ran out"
-            except BrokerLockError as exc:
-                if now >= valid_until:
-                    reason = f"it could not be renewed before its lease ran out ({exc})"
-                else:
-                    if not failing:
-                        self.say(f"could not renew lock {self.item.name!r}, retrying: {exc}")
-                    failing = True
-                    renew_at = min(now + max(0.05, min(1.0, ttl / 10)), valid_until)
-            if reason is None:
-                continue
-            lost, renew_at = True, None
-            if self.stop_on_loss:
-                self.say(
-                    f"lost lock {self.item.name!r} while {self.cmd[0]!r} ran: {reason}; stopping it "
-                    f"(SIGTERM now, SIGKILL in {self.kill_after:g}s)"
-                )
-                self.proc.terminate()
-                stopped, kill_at = True, time.monotonic() + self.kill_after
-            else:
-                self.say(
-                    f"lost lock {self.item.name!r} while {self.cmd[0]!r} runs: {reason}; letting it finish"
-                )
         code = 128 - status if status < 0 else status
         try:
-            self.item.release()
+            item.release()
         except LockLost:
-            if not lost:
-                self.say(
-                    f"lock {self.item.name!r} was lost while {self.cmd[0]!r} ran: its lease of "
-                    f"{self.item.ttl:g}s ran out (use --keepalive or a longer --ttl) or it was broken"
-                )
-            lost = True
+            if not reported:
+                self.say(f"{name!r} was not protected by the lock to its end "
+                         "(use --keepalive or a longer --ttl)")
+            self.lost = True
         except BrokerLockError as exc:
-            self.say(f"could not release lock {self.item.name!r} (it ends with its lease): {exc}")
-        if lost and (stopped or code == 0):
+            self.say(f"could not release lock {item.name!r} (it ends with its lease): {exc}")
+        # A job that ran (or went on) without its lock must not look like a success;
+        # a job that failed by itself keeps its own code, which says more.
+        if self.lost and (stopped or code == 0):
             return EX_TEMPFAIL
         return code
 
 
 def run(
-    item: BrokerLockItem, cmd: List[str], *, keepalive: bool, stop_on_loss: bool, kill_after: float,
-    conflict_exit_code: int, say: Callable[[str], None],
+    lock: BrokerLock, name: str, cmd: List[str], *, ttl: Optional[float], timeout: Optional[float],
+    keepalive: bool, stop_on_loss: bool, kill_after: float, conflict_exit_code: int,
+    say: Callable[[str], None],
 ) -> int:
-    """Hold ``item`` while ``cmd`` runs; the exit code ``brokerlock run`` should end with."""
+    """Hold the lock ``name`` while ``cmd`` runs; the exit code ``brokerlock run`` ends with."""
+    keepalive = keepalive and ttl is not None
+    runner = _Runner(cmd, keepalive=keepalive, stop_on_loss=stop_on_loss, kill_after=kill_after, say=say)
+    item = lock.item(name, ttl=ttl, timeout=timeout, keepalive=keepalive, on_lost=runner.on_lost)
     # A typo in the command should fail at once, not after waiting for the lock.
     code = _check_command(cmd[0])
     if code is not None:
         say(f"cannot run {cmd[0]!r}: {'command not found' if code == EX_NOTFOUND else 'not executable'}")
         return code
-    runner = _Runner(
-        item, cmd, keepalive=keepalive, stop_on_loss=stop_on_loss, kill_after=kill_after, say=say
-    )
     restore = runner.install()
     try:
         try:
@@ -246,7 +242,7 @@ def run(
         if code is not None:
             _release_quietly(item)
             return code
-        return runner.supervise()
+        return runner.supervise(item)
     except _Interrupted as exc:
         if item.acquired:
             _release_quietly(item)

@@ -219,9 +219,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     lock = _open(args.url)
     try:
         return run(
-            lock.item(args.name, ttl=ttl, timeout=timeout), args.cmd,
-            keepalive=args.keepalive, stop_on_loss=args.on_lost == "stop",
-            kill_after=kill_after or 0.0, conflict_exit_code=args.conflict_exit_code, say=_say,
+            lock, args.name, args.cmd, ttl=ttl, timeout=timeout, keepalive=args.keepalive,
+            stop_on_loss=args.on_lost == "stop", kill_after=kill_after or 0.0,
+            conflict_exit_code=args.conflict_exit_code, say=_say,
         )
     finally:
         lock.close()
@@ -301,16 +301,26 @@ def _cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
-_QUIET = logging.NullHandler()
+class _LogLine(logging.Handler):
+    """The library's warnings (a lease lost and why, a renewal retried, a damaged lock
+    file) matter to whoever reads the job's stderr: show them, one line each, in the
+    command's own format rather than logging's bare last-resort output."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            message += f" ({record.exc_info[1]!r})"  # never a traceback
+        _say(message)
+
+
+_LOG_LINES = _LogLine(logging.WARNING)
 _COMMANDS = {"run": _cmd_run, "status": _cmd_status, "list": _cmd_list, "release": _cmd_release}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    # The command reports losses and store errors itself, in one line each; without a
-    # handler, logging's last resort would print the library's warnings a second time.
-    logging.getLogger("brokerlock").addHandler(_QUIET)
+    logging.getLogger("brokerlock").addHandler(_LOG_LINES)
     try:
         args = _parse(args_list)
         return _COMMANDS[args.command](args)
