@@ -10,13 +10,15 @@ Keys, all under the prefix (``brokerlock:`` by default):
     ``max(counter + 1, server time in microseconds)``: a counter lost to a restart
     without persistence or to a failover that dropped recent writes restarts above
     every fence handed out before, as long as the server's clock does not run back.
-``<prefix>signal:<name>``
-    The wake-up list. ``release`` and ``force_release`` push one element; a waiter
-    blocks in ``BLPOP`` on it. Redis serves blocked clients first come, first served
-    and hands the element to exactly one of them, so a release wakes the longest
-    waiter rather than the whole crowd. Leases that simply expire push nothing, so
-    waiters also re-check by the lease's expiry, and at least every second in case a
-    woken waiter died before it could take the lock.
+``<prefix>queue:<name>``, ``<prefix>alive:<name>``
+    The waiters, first come first served: arrival time by the server's clock, and the
+    deadline by which each must refresh its place (a waiter that died drops out after
+    a few seconds). A newcomer never takes the lock while anyone waits ahead of it.
+``<prefix>signal:<name>:<token>``
+    One wake-up list per waiter. ``release`` and ``force_release`` push onto the list
+    of the waiter at the head of the queue only, which blocks in ``BLPOP`` on it; a
+    waiter that gives up passes the wake-up on. Leases that simply expire push nothing,
+    so waiters also re-check at the lease's expiry, and at least every second.
 
 A holder that dies keeps its lock until its ttl runs out: choose ttls with that in
 mind (PostgreSQL frees a dead holder's lock at once).
@@ -26,11 +28,13 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from ..errors import BrokerLockError
-from .base import Adapter, Lease, Request, Waiter
+from ._redis_lua import ACQUIRE, ENQUEUE, EXTEND, FORCE_RELEASE, LEAVE, RELEASE
+from .base import Adapter, Lease, Request
 
 if TYPE_CHECKING:
     import redis
@@ -47,68 +51,9 @@ SOCKET_TIMEOUT = 10.0
 RECHECK = 1.0
 #: A wake-up nobody took is dropped after this many milliseconds.
 SIGNAL_TTL_MS = 10_000
-
-_ACQUIRE = """
-local held = redis.call('HGET', KEYS[1], 'token')
-if held then
-    if held ~= ARGV[1] then return false end
-    -- Our own lease: this is a retry of a call whose reply was lost.
-    return redis.call('HMGET', KEYS[1], 'fence', 'acquired_us', 'expires_us')
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local fence = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, now)
-fence = string.format('%.0f', fence)
-redis.call('SET', KEYS[2], fence)
-local expires = ''
-if ARGV[2] ~= '' then expires = string.format('%.0f', now + tonumber(ARGV[2]) * 1000) end
-local acquired = string.format('%.0f', now)
-redis.call('HSET', KEYS[1], 'name', ARGV[3], 'token', ARGV[1], 'fence', fence,
-    'acquired_us', acquired, 'expires_us', expires,
-    'host', ARGV[4], 'pid', ARGV[5], 'thread', ARGV[6])
-if ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return {fence, acquired, expires}
-"""
-
-_SIGNAL = """
-if redis.call('LLEN', KEYS[2]) == 0 then redis.call('RPUSH', KEYS[2], '1') end
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-"""
-
-# An expired lease's key is already gone, so "token matches" also means "still live".
-_RELEASE = (
-    """
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-"""
-    + _SIGNAL
-    + "return 1"
-)
-
-_FORCE_RELEASE = (
-    """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('DEL', KEYS[1])
-"""
-    + _SIGNAL
-    + "return 1"
-)
-
-_EXTEND = """
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return false end
-local expires = ''
-if ARGV[2] ~= '' then
-    local t = redis.call('TIME')
-    local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-    expires = string.format('%.0f', now + tonumber(ARGV[2]) * 1000)
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-else
-    redis.call('PERSIST', KEYS[1])
-end
-redis.call('HSET', KEYS[1], 'expires_us', expires)
-return redis.call('HGETALL', KEYS[1])
-"""
-
+#: A queued waiter that has not refreshed its place for this long is dropped from the
+#: queue (it died or stalled); live waiters refresh at least every RECHECK.
+PATIENCE_MS = 5_000
 
 def _driver() -> Any:
     try:
@@ -186,10 +131,12 @@ class RedisAdapter(Adapter):
         # A BLPOP must end well before the socket gives up on its reply, or the wake-up
         # it carried would be popped on the server and lost on the way.
         self._block_cap = RECHECK if not socket_timeout else min(RECHECK, socket_timeout / 2)
-        self._acquire = client.register_script(_ACQUIRE)
-        self._release = client.register_script(_RELEASE)
-        self._force = client.register_script(_FORCE_RELEASE)
-        self._extend = client.register_script(_EXTEND)
+        self._acquire = client.register_script(ACQUIRE)
+        self._release = client.register_script(RELEASE)
+        self._force = client.register_script(FORCE_RELEASE)
+        self._extend = client.register_script(EXTEND)
+        self._enqueue = client.register_script(ENQUEUE)
+        self._leave = client.register_script(LEAVE)
 
     @staticmethod
     def _split_url(url: str, prefix: str) -> tuple[str, str]:
@@ -252,12 +199,18 @@ class RedisAdapter(Adapter):
         seconds, micros = self._run("read the server's clock", self._client.time)
         return int(seconds) + int(micros) / 1e6
 
+    def _queue(self, name: str) -> List[str]:
+        return [self._key("queue", name), self._key("alive", name)]
+
+    def _wake_args(self, name: str) -> List[Any]:
+        return [self._key("signal", name) + ":", SIGNAL_TTL_MS]
+
     def try_acquire(self, request: Request) -> Optional[Lease]:
         name = request.name
         reply = self._run(
             f"acquire {name!r}",
             lambda: self._acquire(
-                keys=[self._key("lock", name), self._key("fence", name)],
+                keys=[self._key("lock", name), self._key("fence", name), *self._queue(name)],
                 args=[request.token, _ttl_ms(request.ttl), name, request.host,
                       str(request.pid), request.thread],
             ),
@@ -274,8 +227,7 @@ class RedisAdapter(Adapter):
         released = self._run(
             f"release {name!r}",
             lambda: self._release(
-                keys=[self._key("lock", name), self._key("signal", name)],
-                args=[token, SIGNAL_TTL_MS],
+                keys=[self._key("lock", name), *self._queue(name)], args=[token, *self._wake_args(name)]
             ),
         )
         return bool(released)
@@ -311,13 +263,67 @@ class RedisAdapter(Adapter):
         broken = self._run(
             f"break {name!r}",
             lambda: self._force(
-                keys=[self._key("lock", name), self._key("signal", name)], args=["", SIGNAL_TTL_MS]
+                keys=[self._key("lock", name), *self._queue(name)], args=["", *self._wake_args(name)]
             ),
         )
         return bool(broken)
 
-    def waiter(self, name: str) -> Waiter:
-        return _SignalWaiter(self, name)
+    def acquire(self, request: Request, timeout: Optional[float]) -> Optional[Lease]:
+        """Wait in the name's queue: first come, first served, woken by the release."""
+        lease = self.try_acquire(request)
+        if lease is not None or timeout == 0:
+            return lease
+        name = request.name
+        deadline = None if timeout is None else time.monotonic() + timeout
+        signal = self._key("signal", name) + ":" + request.token
+        reachable = True
+        try:
+            while True:
+                # Queue (or refresh our place) before trying, so that a release after
+                # the attempt finds us and pushes our wake-up.
+                self._run(
+                    f"wait for {name!r}",
+                    lambda: self._enqueue(keys=self._queue(name), args=[request.token, PATIENCE_MS]),
+                )
+                lease = self.try_acquire(request)
+                if lease is not None:
+                    return lease
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._block(name, signal, self._recheck_after(name, remaining))
+        except BrokerLockError:
+            # The server is gone: our place lapses by itself, and trying to leave would
+            # only delay the error by another timeout.
+            reachable = False
+            raise
+        finally:
+            if lease is None and reachable:
+                self._give_up(request)
+
+    def _block(self, name: str, signal: str, timeout: Optional[float]) -> None:
+        block = self._block_cap if timeout is None else min(timeout, self._block_cap)
+        if block <= 0:
+            return
+        # BLPOP reads its timeout in milliseconds and 0 means "forever": never send less
+        # than one.
+        block = max(0.001, math.ceil(block * 1000) / 1000)
+        self._run(f"wait for {name!r}", lambda: self._client.blpop([signal], timeout=block))
+
+    def _give_up(self, request: Request) -> None:
+        name = request.name
+        try:
+            self._run(
+                f"leave the queue of {name!r}",
+                lambda: self._leave(
+                    keys=[self._key("lock", name), *self._queue(name)],
+                    args=[request.token, *self._wake_args(name)],
+                ),
+            )
+            self._client.delete(self._key("signal", name) + ":" + request.token)
+        except (BrokerLockError, *self._errors) as exc:
+            # Our place lapses by itself after PATIENCE_MS; the caller's error matters more.
+            log.debug("could not leave the queue of %r: %s", name, exc)
 
     def _recheck_after(self, name: str, remaining: Optional[float]) -> Optional[float]:
         bound = super()._recheck_after(name, remaining)
@@ -326,24 +332,3 @@ class RedisAdapter(Adapter):
     def close(self) -> None:
         if self._own_client:
             self._client.close()
-
-
-class _SignalWaiter(Waiter):
-    """Blocks in ``BLPOP`` on the name's signal list; a pop is one release's wake-up."""
-
-    def __init__(self, adapter: RedisAdapter, name: str) -> None:
-        self._adapter = adapter
-        self._name = name
-        self._key = adapter._key("signal", name)
-
-    def wait(self, timeout: Optional[float]) -> None:
-        block = self._adapter._block_cap if timeout is None else min(timeout, self._adapter._block_cap)
-        if block <= 0:
-            return
-        # BLPOP reads its timeout in milliseconds and 0 means "forever": never send less
-        # than one.
-        block = max(0.001, math.ceil(block * 1000) / 1000)
-        client = self._adapter._client
-        self._adapter._run(
-            f"wait for {self._name!r}", lambda: client.blpop([self._key], timeout=block)
-        )
