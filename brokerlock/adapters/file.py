@@ -23,12 +23,12 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from .._bells import Bells
 from .._platform import HAVE_FCNTL
-from .._wakeup import CLOSED, MODIFIED, file_waiter
 from .._witness import witness_for
 from ..errors import BrokerLockError
 from ._files import ensure_private_dir, open_private
-from .base import Adapter, Lease, Request, Waiter
+from .base import Adapter, Lease, Request
 
 if HAVE_FCNTL:
     import fcntl
@@ -36,6 +36,9 @@ if HAVE_FCNTL:
 log = logging.getLogger("brokerlock")
 
 _SUFFIX = ".lock"
+#: How long a waiter's place in a queue lasts unless the waiter renews it, which it does
+#: while it waits; bounds the stall a waiter that vanished without a trace can cause.
+QUEUE_ENTRY_LIFE = 6.0
 #: A record's flock is held for microseconds; a writer stopped inside it (SIGSTOP, a
 #: debugger) must not hang everyone forever, so give up after this and say why.
 MUTEX_PATIENCE = 30.0
@@ -66,6 +69,7 @@ class FileAdapter(Adapter):
         self.url = "file://" + self.directory
         self._clock = clock
         self._witness = witness_for(os.path.join(self.directory, "witness"))
+        self._bells = Bells(os.path.join(self.directory, "bells"), self._witness.path)
 
     def now(self) -> float:
         return self._clock()
@@ -126,36 +130,152 @@ class FileAdapter(Adapter):
             record["expires_at"], record["host"], record["pid"], record["thread"],
         )
 
+    def _queue(self, record: Optional[Record], now: float) -> List[List[Any]]:
+        """The record's waiters ``[token, witness, until, bell]`` in arrival order, without
+        those whose process died or whose place ran out."""
+        if record is None:
+            return []
+        return [
+            e
+            for e in record.get("queue") or []
+            if isinstance(e, list) and len(e) == 4 and e[2] > now and self._witness.is_alive(e[1])
+        ]
+
+    def _take(self, record: Optional[Record], request: Request, now: float) -> Tuple[Lease, Record]:
+        new = {
+            "name": request.name,
+            "token": request.token,
+            "fence": (record["fence"] if record else 0) + 1,
+            "acquired_at": now,
+            "expires_at": None if request.ttl is None else now + request.ttl,
+            "host": request.host,
+            "pid": request.pid,
+            "thread": request.thread,
+            "witness": self._witness.mine(),
+            "queue": [e for e in self._queue(record, now) if e[0] != request.token],
+        }
+        return self._lease(new), new
+
+    def _head_bell(self, record: Optional[Record], now: float) -> Optional[str]:
+        """The bell of the live waiter at the head of the queue, if any."""
+        queue = self._queue(record, now)
+        return queue[0][3] if queue else None
+
     # -- the contract -----------------------------------------------------------
     def try_acquire(self, request: Request) -> Optional[Lease]:
         def change(record: Optional[Record]) -> Tuple[Optional[Lease], Optional[Record]]:
             now = self._clock()
-            if self._holds(record, now):
+            # A newcomer never overtakes a waiter: free means no holder and no queue.
+            if self._holds(record, now) or self._queue(record, now):
                 return None, None
-            new = {
-                "name": request.name,
-                "token": request.token,
-                "fence": (record["fence"] if record else 0) + 1,
-                "acquired_at": now,
-                "expires_at": None if request.ttl is None else now + request.ttl,
-                "host": request.host,
-                "pid": request.pid,
-                "thread": request.thread,
-                "witness": self._witness.mine(),
-            }
-            return self._lease(new), new
+            return self._take(record, request, now)
 
         return self._update(request.name, "acquire", change)  # type: ignore[no-any-return]
 
-    def release(self, name: str, token: str) -> bool:
-        def change(record: Optional[Record]) -> Tuple[bool, Optional[Record]]:
-            if record is None or record.get("token") != token:
-                return False, None
-            expires = record.get("expires_at")
-            intact = expires is None or expires > self._clock()
-            return intact, {**record, "token": None, "witness": None}
+    def acquire(self, request: Request, timeout: Optional[float]) -> Optional[Lease]:
+        """FIFO: a waiter queues in the record and takes the lock only at the queue's head.
 
-        return bool(self._update(name, "release", change))
+        The head is woken by its bell, rung by whoever frees its way (a release, a
+        departure, a break); a holder's death closes the witness file, which wakes
+        every waiter. An entry carries a deadline that its waiter refreshes, so a
+        waiter that vanished without a witness stalls the queue for at most
+        ``QUEUE_ENTRY_LIFE``.
+        """
+        lease = self.try_acquire(request)
+        if lease is not None or timeout == 0:
+            return lease
+        deadline = None if timeout is None else time.monotonic() + timeout
+        name, token = request.name, request.token
+        witness = self._witness.mine()  # also creates the witness file the waiter watches
+        bell = self._bells.make(token)
+        refresh_at = 0.0
+        wake: Optional[str] = None
+
+        def join_or_take(record: Optional[Record]) -> Tuple[Any, Optional[Record]]:
+            nonlocal refresh_at, wake
+            now = self._clock()
+            queue = self._queue(record, now)
+            free = not self._holds(record, now)
+            if free and (not queue or queue[0][0] == token):
+                return self._take(record, request, now)
+            changed = record is None or len(queue) != len(record.get("queue") or [])
+            if changed and free and queue:
+                wake = queue[0][3]  # dead waiters were dropped: tell the new head
+            place = next((i for i, e in enumerate(queue) if e[0] == token), None)
+            if place is None or time.monotonic() >= refresh_at:
+                entry = [token, witness, now + QUEUE_ENTRY_LIFE, bell]
+                if place is None:
+                    queue.append(entry)
+                else:
+                    queue[place] = entry  # a refresh keeps the place in line
+                refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
+                changed = True
+            if not changed:
+                return _expiry(record), None
+            base = record if record is not None else {"name": name, "fence": 0, "token": None}
+            return _expiry(record), {**base, "queue": queue}
+
+        taken: Optional[Lease] = None
+        try:
+            with self._bells.waiter(bell) as waiter:
+                while True:
+                    outcome = self._update(name, "acquire", join_or_take)
+                    if wake is not None:
+                        self._bells.ring(wake)
+                        wake = None
+                    if isinstance(outcome, Lease):
+                        taken = outcome
+                        return taken
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return None
+                    bound = 1.0  # the safety net: a lost bell costs at most this much
+                    if outcome is not None:
+                        bound = min(bound, max(0.0, outcome - self._clock()) + 0.001)
+                    waiter.wait(bound if remaining is None else min(bound, remaining))
+        finally:
+            self._bells.remove(bell)
+            if taken is None:
+                self._leave(name, token)
+
+    def _leave(self, name: str, token: str) -> None:
+        def change(record: Optional[Record]) -> Tuple[Optional[str], Optional[Record]]:
+            queue = (record or {}).get("queue") or []
+            if not any(e[0] == token for e in queue):
+                return None, None
+            assert record is not None
+            new = {**record, "queue": [e for e in queue if e[0] != token]}
+            now = self._clock()
+            return (None if self._holds(new, now) else self._head_bell(new, now)), new
+
+        self._bells.ring(self._update(name, "leave the queue of", change))
+
+    def _free(self, name: str, action: str, may: Callable[[Record], Any]) -> Any:
+        """Clear the lease if ``may(record)`` says so, and ring the next waiter's bell.
+
+        ``may`` returns ``None`` to leave the record alone, else the caller's result.
+        """
+
+        def change(record: Optional[Record]) -> Tuple[Tuple[Any, Optional[str]], Optional[Record]]:
+            result = None if record is None else may(record)
+            if result is None:
+                return (None, None), None
+            assert record is not None
+            new = {**record, "token": None, "witness": None}
+            return (result, self._head_bell(new, self._clock())), new
+
+        result, bell = self._update(name, action, change)
+        self._bells.ring(bell)
+        return result
+
+    def release(self, name: str, token: str) -> bool:
+        def may(record: Record) -> Optional[bool]:
+            if record.get("token") != token:
+                return None
+            expires = record.get("expires_at")
+            return expires is None or expires > self._clock()
+
+        return bool(self._free(name, "release", may))
 
     def extend(self, name: str, token: str, ttl: Optional[float]) -> Optional[Lease]:
         def change(record: Optional[Record]) -> Tuple[Optional[Lease], Optional[Record]]:
@@ -202,21 +322,9 @@ class FileAdapter(Adapter):
         return sorted(leases, key=lambda lease: lease.name)
 
     def force_release(self, name: str) -> bool:
-        def change(record: Optional[Record]) -> Tuple[bool, Optional[Record]]:
-            if not self._holds(record, self._clock()):
-                return False, None
-            assert record is not None
-            return True, {**record, "token": None, "witness": None}
-
-        return bool(self._update(name, "break", change))
-
-    def waiter(self, name: str) -> Waiter:
-        # A release writes the record; a holder that dies closes the witness file.
-        return file_waiter({self._path(name): MODIFIED, self._witness.path: CLOSED})
-
-    def _recheck_after(self, name: str, remaining: Optional[float]) -> Optional[float]:
-        bound = super()._recheck_after(name, remaining)
-        return 1.0 if bound is None else min(bound, 1.0)
+        return bool(
+            self._free(name, "break", lambda record: True if self._holds(record, self._clock()) else None)
+        )
 
 
 def _flock(fd: int, path: str) -> None:
@@ -237,6 +345,14 @@ def _flock(fd: int, path: str) -> None:
             )
         time.sleep(delay)
         delay = min(max(delay * 2, 0.00005), 0.005)
+
+
+def _expiry(record: Optional[Record]) -> Optional[float]:
+    """When the current lease runs out, if there is one: a waiter must look again then."""
+    if record is None or not record.get("token"):
+        return None
+    expires = record.get("expires_at")
+    return float(expires) if expires is not None else None
 
 
 def _clock_fence() -> int:

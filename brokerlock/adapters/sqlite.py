@@ -16,13 +16,13 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .._wakeup import CLOSED, MODIFIED, file_waiter
+from .._bells import Bells
 from .._witness import Witness, witness_for
 from ..errors import BrokerLockError
 from ._files import ensure_private_dir, open_private
-from .base import Adapter, Lease, Request, Waiter
+from .base import Adapter, Lease, Request
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS brokerlock_locks (
@@ -35,10 +35,23 @@ CREATE TABLE IF NOT EXISTS brokerlock_locks (
     pid INTEGER,
     thread TEXT,
     witness TEXT
-)
+);
+CREATE TABLE IF NOT EXISTS brokerlock_waiters (
+    ticket INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    token TEXT NOT NULL,
+    witness TEXT,
+    until REAL NOT NULL,
+    bell TEXT
+);
+CREATE INDEX IF NOT EXISTS brokerlock_waiters_name ON brokerlock_waiters (name, ticket);
 """
 _COLUMNS = "name, token, fence, acquired_at, expires_at, host, pid, thread, witness"
-_FREE = "brokerlock_locks.token IS NULL OR brokerlock_locks.expires_at <= :now"
+_FREE = "(brokerlock_locks.token IS NULL OR brokerlock_locks.expires_at <= :now)"
+#: A newcomer never overtakes a waiter: the queue must be empty for it.
+_NO_QUEUE = (
+    "NOT EXISTS (SELECT 1 FROM brokerlock_waiters w WHERE w.name = :name AND w.until > :now)"
+)
 _ACQUIRE = f"""
 INSERT INTO brokerlock_locks ({_COLUMNS})
 VALUES (:name, :token, 1, :now, :expires, :host, :pid, :thread, :witness)
@@ -47,21 +60,28 @@ ON CONFLICT(name) DO UPDATE SET
     acquired_at = excluded.acquired_at, expires_at = excluded.expires_at,
     host = excluded.host, pid = excluded.pid, thread = excluded.thread,
     witness = excluded.witness
-WHERE {_FREE}
+WHERE {_FREE} AND {{queue}}
 RETURNING fence
 """
 _TAKE_FROM_DEAD = """
 UPDATE brokerlock_locks SET
     token = :token, fence = fence + 1, acquired_at = :now, expires_at = :expires,
     host = :host, pid = :pid, thread = :thread, witness = :witness
-WHERE name = :name AND token = :dead
+WHERE name = :name AND token = :dead AND {queue}
 RETURNING fence
 """
+_ACQUIRE_NEW = _ACQUIRE.format(queue=_NO_QUEUE)
+_ACQUIRE_TURN = _ACQUIRE.format(queue="1")
+_TAKE_FROM_DEAD_NEW = _TAKE_FROM_DEAD.format(queue=_NO_QUEUE)
+_TAKE_FROM_DEAD_TURN = _TAKE_FROM_DEAD.format(queue="1")
 _LIVE = "token IS NOT NULL AND (expires_at IS NULL OR expires_at > :now)"
 
 #: How long one statement may wait for SQLite's write lock before we report the store
 #: as stuck; contention is microseconds, so this only trips on a wedged writer.
 BUSY_TIMEOUT = 30.0
+#: How long a waiter's place in the queue lasts unless renewed, which the waiter does
+#: while it waits; bounds the stall a waiter that vanished without a trace can cause.
+QUEUE_ENTRY_LIFE = 6.0
 
 
 class SQLiteAdapter(Adapter):
@@ -83,6 +103,7 @@ class SQLiteAdapter(Adapter):
         # Created 0600 and never through a symlink, before sqlite3 gets to open it.
         os.close(open_private(self.path, os.O_RDWR))
         self._witness: Witness = witness_for(self.path + "-witness")
+        self._bells = Bells(self.path + "-bells", self._witness.path)
         self._run("open the database", self._setup)
 
     # -- plumbing ---------------------------------------------------------------
@@ -101,7 +122,7 @@ class SQLiteAdapter(Adapter):
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"cannot switch to WAL (journal mode is {mode})")
-        conn.execute(_SCHEMA)
+        conn.executescript(_SCHEMA)
 
     def _run(self, action: str, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         try:
@@ -132,22 +153,22 @@ class SQLiteAdapter(Adapter):
     def now(self) -> float:
         return self._clock()
 
-    def try_acquire(self, request: Request) -> Optional[Lease]:
-        params = self._params(request)
+    def _take(self, conn: sqlite3.Connection, params: Dict[str, Any], newcomer: bool) -> Optional[int]:
+        """Take the lock if it is free or its holder dead; a newcomer only when no one
+        is queued (a waiter has checked its turn itself)."""
+        row = conn.execute(_ACQUIRE_NEW if newcomer else _ACQUIRE_TURN, params).fetchone()
+        if row is not None:
+            return int(row[0])
+        holder = conn.execute(
+            "SELECT token, witness FROM brokerlock_locks WHERE name = ?", (params["name"],)
+        ).fetchone()
+        if holder is None or holder[0] is None or self._witness.is_alive(holder[1]):
+            return None
+        take = _TAKE_FROM_DEAD_NEW if newcomer else _TAKE_FROM_DEAD_TURN
+        row = conn.execute(take, {**params, "dead": holder[0]}).fetchone()
+        return None if row is None else int(row[0])
 
-        def attempt(conn: sqlite3.Connection) -> Optional[int]:
-            row = conn.execute(_ACQUIRE, params).fetchone()
-            if row is not None:
-                return int(row[0])
-            holder = conn.execute(
-                "SELECT token, witness FROM brokerlock_locks WHERE name = ?", (request.name,)
-            ).fetchone()
-            if holder is None or self._witness.is_alive(holder[1]):
-                return None
-            row = conn.execute(_TAKE_FROM_DEAD, {**params, "dead": holder[0]}).fetchone()
-            return None if row is None else int(row[0])
-
-        fence = self._run(f"acquire {request.name!r}", attempt)
+    def _granted(self, request: Request, params: Dict[str, Any], fence: Optional[int]) -> Optional[Lease]:
         if fence is None:
             return None
         return Lease(
@@ -155,17 +176,169 @@ class SQLiteAdapter(Adapter):
             request.host, request.pid, request.thread,
         )
 
+    def try_acquire(self, request: Request) -> Optional[Lease]:
+        params = self._params(request)
+
+        def attempt(conn: sqlite3.Connection) -> Optional[int]:
+            fence = self._take(conn, params, newcomer=True)
+            if fence is None and self._prune(conn, request.name, params["now"]):
+                fence = self._take(conn, params, newcomer=True)
+            return fence
+
+        return self._granted(request, params, self._run(f"acquire {request.name!r}", attempt))
+
+    def _waiters(
+        self, conn: sqlite3.Connection, name: str, now: float
+    ) -> Tuple[List[Tuple[str, Optional[str]]], List[Tuple[int, Optional[str]]]]:
+        """The live waiters' ``(token, bell)`` in arrival order, and the ``(ticket, bell)``
+        of those that died or let their place run out."""
+        live: List[Tuple[str, Optional[str]]] = []
+        dead: List[Tuple[int, Optional[str]]] = []
+        for ticket, token, witness, until, bell in conn.execute(
+            "SELECT ticket, token, witness, until, bell FROM brokerlock_waiters "
+            "WHERE name = ? ORDER BY ticket",
+            (name,),
+        ):
+            if until > now and self._witness.is_alive(witness):
+                live.append((token, bell))
+            else:
+                dead.append((ticket, bell))
+        return live, dead
+
+    def _delete_waiters(self, conn: sqlite3.Connection, dead: List[Tuple[int, Optional[str]]]) -> None:
+        if dead:
+            conn.executemany("DELETE FROM brokerlock_waiters WHERE ticket = ?", [(t,) for t, _ in dead])
+            for _, bell in dead:
+                self._bells.remove(bell)
+
+    def _prune(self, conn: sqlite3.Connection, name: str, now: float) -> bool:
+        """Drop waiters that died or vanished; whether there were any."""
+        _live, dead = self._waiters(conn, name, now)
+        self._delete_waiters(conn, dead)
+        return bool(dead)
+
+    def _holder(self, conn: sqlite3.Connection, name: str, now: float) -> Tuple[bool, Optional[float]]:
+        """Whether a live holder has ``name``, and when its lease runs out."""
+        row = conn.execute(
+            "SELECT token, expires_at, witness FROM brokerlock_locks WHERE name = ?", (name,)
+        ).fetchone()
+        busy = (
+            row is not None
+            and row[0] is not None
+            and (row[1] is None or row[1] > now)
+            and self._witness.is_alive(row[2])
+        )
+        return busy, (row[1] if busy else None)
+
+    def _next_bell(self, conn: sqlite3.Connection, name: str) -> Optional[str]:
+        """The bell of the waiter whose turn it now is, if the lock is free."""
+        now = self._clock()
+        live, _dead = self._waiters(conn, name, now)
+        if not live or self._holder(conn, name, now)[0]:
+            return None
+        return live[0][1]
+
+    def acquire(self, request: Request, timeout: Optional[float]) -> Optional[Lease]:
+        """FIFO: a waiter queues in ``brokerlock_waiters`` and takes the lock only at the
+        queue's head, woken by its bell (see ``_bells``). Waiters look with reads, which
+        never block in WAL mode, and write only when it is their turn, so a crowd of
+        waiters does not fight over SQLite's write lock."""
+        lease = self.try_acquire(request)
+        if lease is not None or timeout == 0:
+            return lease
+        deadline = None if timeout is None else time.monotonic() + timeout
+        name, token = request.name, request.token
+        witness = self._witness.mine()  # also creates the witness file the waiter watches
+        bell = self._bells.make(token)
+        ticket: Optional[int] = None
+        refresh_at = 0.0
+
+        def step(conn: sqlite3.Connection) -> Tuple[Optional[Lease], Optional[float], Optional[str]]:
+            nonlocal ticket, refresh_at
+            now = self._clock()
+            if ticket is None or time.monotonic() >= refresh_at:
+                until = now + QUEUE_ENTRY_LIFE
+                if ticket is None:
+                    ticket = conn.execute(
+                        "INSERT INTO brokerlock_waiters (name, token, witness, until, bell) "
+                        "VALUES (?, ?, ?, ?, ?) RETURNING ticket",
+                        (name, token, witness, until, bell),
+                    ).fetchone()[0]
+                else:
+                    conn.execute("UPDATE brokerlock_waiters SET until = ? WHERE ticket = ?", (until, ticket))
+                refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
+            live, dead = self._waiters(conn, name, now)
+            busy, expires = self._holder(conn, name, now)
+            if busy or not live or live[0][0] != token:
+                self._delete_waiters(conn, dead)
+                # Dead waiters ahead were dropped: if the lock is free, tell the new head.
+                wake = live[0][1] if dead and live and not busy else None
+                return None, expires, wake
+            # Looks like our turn: confirm it under the write lock, then take the lock
+            # and leave the queue in one transaction.
+            params = self._params(request)
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                live, dead = self._waiters(conn, name, params["now"])
+                busy, expires = self._holder(conn, name, params["now"])
+                turn = not busy and bool(live) and live[0][0] == token
+                fence = self._take(conn, params, newcomer=False) if turn else None
+                if fence is not None:
+                    conn.execute("DELETE FROM brokerlock_waiters WHERE ticket = ?", (ticket,))
+                self._delete_waiters(conn, dead)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return self._granted(request, params, fence), expires, None
+
+        taken: Optional[Lease] = None
+        try:
+            with self._bells.waiter(bell) as waiter:
+                while True:
+                    taken, expires, wake = self._run(f"acquire {name!r}", step)
+                    self._bells.ring(wake)
+                    if taken is not None:
+                        return taken
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return None
+                    bound = 1.0  # the safety net: a lost bell costs at most this much
+                    if expires is not None:
+                        bound = min(bound, max(0.0, expires - self._clock()) + 0.001)
+                    waiter.wait(bound if remaining is None else min(bound, remaining))
+        finally:
+            self._bells.remove(bell)
+            if taken is None and ticket is not None:
+                gone = ticket
+
+                def leave(conn: sqlite3.Connection) -> Optional[str]:
+                    conn.execute("DELETE FROM brokerlock_waiters WHERE ticket = ?", (gone,))
+                    return self._next_bell(conn, name)
+
+                self._bells.ring(self._run(f"leave the queue of {name!r}", leave))
+
+    def _free(self, name: str, action: str, sql: str, params: Tuple[Any, ...]) -> Any:
+        """Run ``sql`` (which clears a lease, RETURNING a row), then ring the next waiter."""
+
+        def free(conn: sqlite3.Connection) -> Tuple[Any, Optional[str]]:
+            row = conn.execute(sql, params).fetchone()
+            return row, (None if row is None else self._next_bell(conn, name))
+
+        row, bell = self._run(f"{action} {name!r}", free)
+        self._bells.ring(bell)
+        return row
+
     def release(self, name: str, token: str) -> bool:
         # The token is cleared but expires_at kept, so RETURNING reports whether the
         # lease had run out before the release: nobody took it yet, so clearing it hurts
         # no one, but the caller must hear that its lease had ended.
-        row = self._run(
-            f"release {name!r}",
-            lambda conn: conn.execute(
-                "UPDATE brokerlock_locks SET token = NULL, witness = NULL "
-                "WHERE name = ? AND token = ? RETURNING expires_at",
-                (name, token),
-            ).fetchone(),
+        row = self._free(
+            name,
+            "release",
+            "UPDATE brokerlock_locks SET token = NULL, witness = NULL "
+            "WHERE name = ? AND token = ? RETURNING expires_at",
+            (name, token),
         )
         return row is not None and (row[0] is None or row[0] > self._clock())
 
@@ -204,27 +377,14 @@ class SQLiteAdapter(Adapter):
         lease = self.get(name)
         if lease is None:
             return False
-        return bool(
-            self._run(
-                f"break {name!r}",
-                lambda conn: conn.execute(
-                    "UPDATE brokerlock_locks SET token = NULL, witness = NULL "
-                    "WHERE name = ? AND token = ?",
-                    (name, lease.token),
-                ).rowcount,
-            )
+        row = self._free(
+            name,
+            "break",
+            "UPDATE brokerlock_locks SET token = NULL, witness = NULL "
+            "WHERE name = ? AND token = ? RETURNING fence",
+            (name, lease.token),
         )
-
-    def waiter(self, name: str) -> Waiter:
-        # Every commit appends to the WAL; a holder that dies closes the witness file.
-        return file_waiter(
-            {self.path + "-wal": MODIFIED, self.path: MODIFIED, self._witness.path: CLOSED}
-        )
-
-    def _recheck_after(self, name: str, remaining: Optional[float]) -> Optional[float]:
-        bound = super()._recheck_after(name, remaining)
-        # Safety net: a missed wake-up costs at most this much.
-        return 1.0 if bound is None else min(bound, 1.0)
+        return row is not None
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

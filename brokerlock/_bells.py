@@ -1,0 +1,144 @@
+"""Doorbells: wake exactly the waiter whose turn it is, not the whole crowd.
+
+Waking every waiter on every change of a lock (a thundering herd) costs each hand-over
+one context switch and one look at the store per waiter; with eight processes that is
+a hundred times the hand-over itself. Instead each waiter of an embedded store creates
+a small file of its own, its bell, and sleeps in inotify on that file alone (and on the
+store's witness file, whose closing announces the death of a process). Whoever makes it
+the queue's head (a release, a departure, a break) writes one byte into its bell.
+
+Where inotify is missing (macOS, Windows, ``BROKERLOCK_PORTABLE=1``) no bells are made
+and waiters fall back to polling with backoff.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from typing import Dict, Optional
+
+from ._wakeup import _IN_CLOEXEC, _IN_NONBLOCK, CLOSED, MODIFIED, InotifyWaiter, _libc
+from .adapters._files import O_CLOEXEC, O_NOFOLLOW, ensure_private_dir, open_private
+from .adapters.base import BackoffWaiter, Waiter
+from .errors import BrokerLockError
+
+log = logging.getLogger("brokerlock")
+
+_IN_DELETE_SELF = 0x400
+_IN_MOVE_SELF = 0x800
+_RUNG = MODIFIED | _IN_DELETE_SELF | _IN_MOVE_SELF
+#: Without a bell to ring, a waiter polls; this caps its sleep.
+POLL_CAP = 0.1
+
+
+class _SharedInotifyWaiter(InotifyWaiter):
+    """An inotify waiter on the thread's long-lived instance.
+
+    Closing an inotify descriptor waits for an RCU grace period in the kernel, several
+    milliseconds: far longer than a whole hand-over. So each thread keeps one instance
+    and only adds and drops watches on it; the bell's watch goes away by itself when
+    the bell is removed.
+    """
+
+    def __init__(self, fd: int, wanted: Dict[int, Dict[bytes, int]]) -> None:
+        super().__init__(fd, wanted)
+        self._drain()  # events left over from an earlier wait of this thread
+
+    def close(self) -> None:
+        self._fd = -1  # the descriptor is the thread's, kept for its next wait
+
+
+class _Descriptor:
+    """Owns one inotify descriptor; closes it when its thread's state is dropped."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.pid = fd, os.getpid()
+
+    def __del__(self) -> None:
+        if self.pid == os.getpid():  # never close a descriptor inherited through fork
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+
+
+_instance = threading.local()
+
+
+def _thread_inotify() -> int:
+    """This thread's inotify descriptor, made on first use (and anew after fork)."""
+    held: Optional[_Descriptor] = getattr(_instance, "held", None)
+    if held is None or held.pid != os.getpid():
+        assert _libc is not None
+        fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if fd < 0:
+            log.debug("inotify unavailable (errno %d); polling instead", ctypes.get_errno())
+            return -1
+        _instance.held = held = _Descriptor(fd)
+    return held.fd
+
+
+class Bells:
+    """The bells of one store, in a private directory beside it."""
+
+    def __init__(self, directory: str, witness_path: str) -> None:
+        self.directory = directory
+        self.witness_path = witness_path
+        self._ready = False
+
+    def _path(self, bell: str) -> str:
+        return os.path.join(self.directory, bell)
+
+    def make(self, token: str) -> Optional[str]:
+        """A bell for the waiter ``token``, or ``None`` where bells cannot wake anyone."""
+        if _libc is None:
+            return None
+        if not self._ready:
+            ensure_private_dir(self.directory)
+            self._ready = True
+        try:
+            os.close(open_private(self._path(token), os.O_WRONLY | os.O_EXCL))
+        except BrokerLockError as exc:
+            log.debug("no bell for a waiter (%s); it will poll", exc)
+            return None
+        return token
+
+    def waiter(self, bell: Optional[str]) -> Waiter:
+        """Sleep until ``bell`` rings or a process of the store exits."""
+        if bell is None or _libc is None:
+            return BackoffWaiter(POLL_CAP)
+        fd = _thread_inotify()
+        if fd < 0:
+            return BackoffWaiter(POLL_CAP)
+        wanted = {}
+        for path, mask in ((self._path(bell), _RUNG), (self.witness_path, CLOSED)):
+            wd = _libc.inotify_add_watch(fd, os.fsencode(path), mask)
+            if wd < 0:
+                return BackoffWaiter(POLL_CAP)
+            wanted[wd] = {b"": mask}
+        return _SharedInotifyWaiter(fd, wanted)
+
+    def ring(self, bell: Optional[str]) -> None:
+        """Wake the waiter of ``bell``; a bell that is gone has nobody left to wake."""
+        if not bell:
+            return
+        try:
+            fd = os.open(self._path(bell), os.O_WRONLY | O_NOFOLLOW | O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.pwrite(fd, b"\1", 0)
+        except OSError as exc:  # a full disk cannot stop a zero-length-growth write, but
+            log.debug("could not ring bell %s: %s", bell, exc)
+        finally:
+            os.close(fd)
+
+    def remove(self, bell: Optional[str]) -> None:
+        if not bell:
+            return
+        try:
+            os.unlink(self._path(bell))
+        except OSError:
+            pass
