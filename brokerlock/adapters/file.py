@@ -44,6 +44,9 @@ QUEUE_ENTRY_LIFE = 6.0
 MUTEX_PATIENCE = 30.0
 
 Record = Dict[str, Any]
+_READ_SIZE = 65536
+_DECODER = json.JSONDecoder()
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def file_name(name: str) -> str:
@@ -70,13 +73,19 @@ class FileAdapter(Adapter):
         self._clock = clock
         self._witness = witness_for(os.path.join(self.directory, "witness"))
         self._bells = Bells(os.path.join(self.directory, "bells"), self._witness.path)
+        self._paths: Dict[str, str] = {}
 
     def now(self) -> float:
         return self._clock()
 
     # -- one record under its flock ----------------------------------------------
     def _path(self, name: str) -> str:
-        return os.path.join(self.directory, file_name(name))
+        path = self._paths.get(name)
+        if path is None:
+            if len(self._paths) > 4096:
+                self._paths.clear()
+            path = self._paths[name] = os.path.join(self.directory, file_name(name))
+        return path
 
     def _update(
         self, name: str, action: str, change: Callable[[Optional[Record]], Tuple[Any, Optional[Record]]]
@@ -86,33 +95,39 @@ class FileAdapter(Adapter):
         fd = open_private(path, os.O_RDWR)
         try:
             _flock(fd, path)
-            record = self._read(fd, path, name)
+            record, size = self._read(fd, path, name)
             result, new = change(record)
             if new is not None:
-                data = json.dumps(new, separators=(",", ":")).encode("utf-8")
-                os.pwrite(fd, data, 0)
-                os.ftruncate(fd, len(data))
+                data = _ENCODE(new).encode("utf-8")
+                # Pad over a longer old record instead of truncating: one write, not two;
+                # readers decode the first JSON value and ignore the blanks after it.
+                os.pwrite(fd, data.ljust(size), 0)
             return result
         except OSError as exc:
             raise BrokerLockError(f"{self.url}: could not {action} {name!r}: {exc}") from None
         finally:
             os.close(fd)  # also drops the flock
 
-    def _read(self, fd: int, path: str, name: Optional[str]) -> Optional[Record]:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return None
-        raw = os.pread(fd, size, 0)
+    def _read(self, fd: int, path: str, name: Optional[str]) -> Tuple[Optional[Record], int]:
+        """The record in ``fd`` and the file's length."""
+        raw = os.pread(fd, _READ_SIZE, 0)
+        while len(raw) % _READ_SIZE == 0 and raw:  # a record longer than one read
+            more = os.pread(fd, _READ_SIZE, len(raw))
+            if not more:
+                break
+            raw += more
+        if not raw.strip():
+            return None, len(raw)
         try:
-            record, _end = json.JSONDecoder().raw_decode(raw.decode("utf-8"))
+            record, _end = _DECODER.raw_decode(raw.decode("utf-8"))
             if not isinstance(record, dict) or not isinstance(record.get("fence"), int):
                 raise ValueError("not a lock record")
         except ValueError:
             log.warning("lock file %s is damaged; treating its lock as free", path)
-            return {"name": name, "fence": _clock_fence(), "token": None, "damaged": True}
+            return {"name": name, "fence": _clock_fence(), "token": None, "damaged": True}, len(raw)
         if name is not None and record.get("name") != name:
             raise BrokerLockError(f"lock file {path} holds the record of another name")
-        return record
+        return record, len(raw)
 
     def _holds(self, record: Optional[Record], now: float) -> bool:
         """Whether ``record`` is a live lease: unexpired, its holder alive."""
@@ -314,7 +329,7 @@ class FileAdapter(Adapter):
                 continue  # removed or replaced under us: not a lock of ours
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH)
-                record = self._read(fd, path, None)
+                record, _size = self._read(fd, path, None)
             finally:
                 os.close(fd)
             if record is not None and not record.get("damaged") and self._holds(record, now):
