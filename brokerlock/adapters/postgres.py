@@ -12,9 +12,14 @@ process keeps one *presence* session holding a session-level advisory lock on a 
 63-bit key for its whole life, and writes that key into every row it holds. A row whose
 key is no longer granted in ``pg_locks`` belongs to a dead process (or one that lost its
 session) and is free at once; takeover is the same compare-and-set as for an expired
-lease. Waiters ``LISTEN`` on a channel per name that release and force-release
-``NOTIFY``; a session that ends notifies nobody, so waiters also re-check at least
-every second.
+lease (see ``_postgres_presence``).
+
+Waiters queue in ``<table>_queue``, first come first served (arrival by the server's
+clock; a dead process's waiters are skipped at once, a stalled one after
+``QUEUE_PATIENCE``), and a newcomer never overtakes them. They ``LISTEN`` on a channel
+per name that release, force-release and a departing waiter ``NOTIFY``: all of the
+name's waiters wake, only the head can take the lock. A session that ends notifies
+nobody, so waiters also re-check at least every second.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import BrokerLockError
+from ._postgres_presence import presence_for
+from ._postgres_sql import ACQUIRE, ENQUEUE, EXTEND, FORCE, LEAVE, LIVE_KEYS, RELEASE, SCHEMA, SELECT
 from .base import Adapter, Lease, Request, Waiter
 
 if TYPE_CHECKING:
@@ -52,62 +59,16 @@ CONNECT_DEFAULTS = {
     "keepalives_count": "3",
     "tcp_user_timeout": "15000",
 }
+#: A queued waiter that has not renewed its place for this many seconds is skipped (it
+#: stalled; a dead process's waiters are skipped at once, as their session ended).
+QUEUE_PATIENCE = 5.0
 #: Idle connections kept per adapter for reuse; more are closed when handed back.
 MAX_IDLE = 8
 #: The advisory lock that serialises table creation between clients starting at once.
 SCHEMA_LOCK = 0x62726F6B65726C6B  # "brokerlk"
 
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}\Z")
-
-#: Every advisory key granted to some session of this database (bigint form, objsubid 1).
-_LIVE_KEYS = """(SELECT (l.classid::int8 << 32) | l.objid::int8 FROM pg_catalog.pg_locks l
-    WHERE l.locktype = 'advisory' AND l.objsubid = 1 AND l.granted
-      AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
-                        WHERE d.datname = current_database()))"""
-_LIVE = (
-    "token IS NOT NULL AND (expires_at IS NULL OR expires_at > clock_timestamp()) "
-    f"AND holder IN {_LIVE_KEYS}"
-)
-_COLUMNS = (
-    "name, token, fence, extract(epoch FROM acquired_at)::float8, "
-    "extract(epoch FROM expires_at)::float8, host, pid, thread"
-)
-_SCHEMA = """CREATE TABLE IF NOT EXISTS {t} (
-    name text PRIMARY KEY,
-    token text,
-    fence bigint NOT NULL,
-    acquired_at timestamptz,
-    expires_at timestamptz,
-    host text,
-    pid integer,
-    thread text,
-    holder bigint
-)"""
-_ACQUIRE = f"""INSERT INTO {{t}} AS t (name, token, fence, acquired_at, expires_at, host, pid, thread, holder)
-SELECT %(name)s, %(token)s, 1, c.now, c.now + %(ttl)s::float8 * interval '1 second',
-       %(host)s, %(pid)s, %(thread)s, %(holder)s::int8
-FROM (SELECT clock_timestamp() AS now) c
-WHERE %(holder)s::int8 IN {_LIVE_KEYS}
-ON CONFLICT (name) DO UPDATE SET
-    token = excluded.token, fence = t.fence + 1, acquired_at = excluded.acquired_at,
-    expires_at = excluded.expires_at, host = excluded.host, pid = excluded.pid,
-    thread = excluded.thread, holder = excluded.holder
-WHERE t.token IS NULL OR t.token = excluded.token OR t.expires_at <= excluded.acquired_at
-   OR t.holder NOT IN {_LIVE_KEYS}
-RETURNING t.fence, extract(epoch FROM t.acquired_at)::float8, extract(epoch FROM t.expires_at)::float8"""
-# The token is cleared but the row kept, so the fence survives; RETURNING reports
-# whether the lease was still intact (unexpired, its holder's session alive).
-_RELEASE = f"""WITH r AS (
-    UPDATE {{t}} SET token = NULL WHERE name = %(name)s AND token = %(token)s
-    RETURNING (expires_at IS NULL OR expires_at > clock_timestamp()) AND holder IN {_LIVE_KEYS} AS intact
-) SELECT r.intact, pg_notify(%(channel)s, '') FROM r"""
-_FORCE = f"""WITH r AS (
-    UPDATE {{t}} SET token = NULL WHERE name = %(name)s AND {_LIVE} RETURNING 1
-) SELECT pg_notify(%(channel)s, '') FROM r"""
-_EXTEND = f"""UPDATE {{t}} SET expires_at = clock_timestamp() + %(ttl)s::float8 * interval '1 second'
-WHERE name = %(name)s AND token = %(token)s AND {_LIVE} RETURNING {_COLUMNS}"""
-_SELECT = f"SELECT {_COLUMNS} FROM {{t}} WHERE {_LIVE} {{where}} ORDER BY name COLLATE \"C\""
-
+# 57, not 63: the queue table is named after the table plus "_queue".
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,56}\Z")
 
 def _driver() -> Any:
     try:
@@ -126,62 +87,11 @@ def _table_parts(table: object) -> Tuple[str, ...]:
     if len(parts) > 2 or not all(_IDENTIFIER.match(part) for part in parts):
         raise ValueError(
             f"table {table!r} is not a plain identifier (letters, digits, _ and $, at most "
-            "63 characters, optionally schema.table)"
+            "57 characters, optionally schema.table)"
         )
     return parts
 
 
-class _Presence:
-    """This process's presence session: holds one advisory key for the process's life."""
-
-    def __init__(self, connect: Callable[[], psycopg.Connection[Any]]) -> None:
-        self._connect = connect
-        self._mutex = threading.Lock()
-        self._conn: Optional[psycopg.Connection[Any]] = None
-        self._pid = -1
-        self.key = 0
-
-    def current(self) -> int:
-        with self._mutex:
-            if self._pid != os.getpid() or self._conn is None or self._conn.closed:
-                self._establish()
-            return self.key
-
-    def renew(self, stale: int) -> None:
-        """Replace a session that is gone (its key no longer granted)."""
-        with self._mutex:
-            if self.key == stale or self._pid != os.getpid():
-                self._establish()
-
-    def _establish(self) -> None:
-        if self._conn is not None and self._pid == os.getpid():
-            # A new key, never the old one: leases written under the old key were
-            # free for the taking while it lapsed, so they must stay dead.
-            self._conn.close()
-        self._conn = None  # a fork child's copy is the parent's: never close it
-        conn = self._connect()
-        try:
-            # Let the server notice a vanished host within ~25 s, and never drop
-            # this idle session on a timer.
-            conn.execute("SET tcp_keepalives_idle = 10")
-            conn.execute("SET tcp_keepalives_interval = 5")
-            conn.execute("SET tcp_keepalives_count = 3")
-            if conn.info.server_version >= 140000:
-                conn.execute("SET idle_session_timeout = 0")
-            while True:
-                key = secrets.randbits(63) or 1
-                row = conn.execute("SELECT pg_try_advisory_lock(%s::int8)", (key,)).fetchone()
-                if row is not None and row[0]:
-                    break
-        except BaseException:
-            conn.close()
-            raise
-        self._conn, self._pid, self.key = conn, os.getpid(), key
-        log.debug("presence session holds advisory key %d", key)
-
-
-_presences: Dict[str, _Presence] = {}
-_presences_mutex = threading.Lock()
 
 
 class PostgresAdapter(Adapter):
@@ -222,22 +132,21 @@ class PostgresAdapter(Adapter):
         self.server = f"{host}:{params.get('port') or 5432}"
         self.url = self._display_url(params)
 
-        ident = sql.Identifier(*parts)
+        self._ident = ident = sql.Identifier(*parts)
+        queue = sql.Identifier(*parts[:-1], parts[-1] + "_queue")
         self._sql = {
-            key: sql.SQL(text).format(t=ident)
-            for key, text in (("acquire", _ACQUIRE), ("release", _RELEASE), ("force", _FORCE),
-                              ("extend", _EXTEND), ("schema", _SCHEMA))
+            key: sql.SQL(text).format(t=ident, q=queue)
+            for key, text in (("acquire", ACQUIRE), ("release", RELEASE), ("force", FORCE),
+                              ("extend", EXTEND), ("schema", SCHEMA), ("enqueue", ENQUEUE),
+                              ("leave", LEAVE))
         }
-        self._sql["get"] = sql.SQL(_SELECT).format(t=ident, where=sql.SQL("AND name = %(name)s"))
-        self._sql["list"] = sql.SQL(_SELECT).format(t=ident, where=sql.SQL(""))
+        self._sql["get"] = sql.SQL(SELECT).format(t=ident, where=sql.SQL("AND name = %(name)s"))
+        self._sql["list"] = sql.SQL(SELECT).format(t=ident, where=sql.SQL(""))
+        self._sql["dequeue"] = sql.SQL("DELETE FROM {q} WHERE token = %(token)s").format(q=queue)
         self._idle: List[psycopg.Connection[Any]] = []
         self._idle_mutex = threading.Lock()
         self._idle_pid = os.getpid()
-        with _presences_mutex:
-            presence = _presences.get(self._conninfo)
-            if presence is None:
-                presence = _presences[self._conninfo] = _Presence(self._connect)
-        self._presence = presence
+        self._presence = presence_for(self._conninfo, self._connect)
         self._run("create the lock table", self._setup)
 
     @staticmethod
@@ -317,9 +226,11 @@ class PostgresAdapter(Adapter):
         raise AssertionError("unreachable")
 
     def _setup(self, conn: psycopg.Connection[Any]) -> None:
-        row = conn.execute("SELECT to_regclass(%s)", (self.table,)).fetchone()
-        if row is not None and row[0] is not None:
-            return  # existing table: needs no CREATE privilege
+        name = self._ident.as_string(conn)
+        queue = name[:-1] + '_queue"'  # name is a quoted identifier: "t" or "s"."t"
+        row = conn.execute("SELECT to_regclass(%s), to_regclass(%s)", (name, queue)).fetchone()
+        if row is not None and None not in row:
+            return  # existing tables: need no CREATE privilege
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s::int8)", (SCHEMA_LOCK,))
             conn.execute(self._sql["schema"])
@@ -343,6 +254,56 @@ class PostgresAdapter(Adapter):
         return float(row[0])
 
     def try_acquire(self, request: Request) -> Optional[Lease]:
+        return self._try(request, None)
+
+    def acquire(self, request: Request, timeout: Optional[float]) -> Optional[Lease]:
+        """Wait in the name's queue: first come, first served, woken by NOTIFY."""
+        lease = self.try_acquire(request)
+        if lease is not None or timeout == 0:
+            return lease
+        deadline = None if timeout is None else time.monotonic() + timeout
+        reachable = True
+        with self.waiter(request.name) as waiter:
+            try:
+                while True:
+                    # Queue (or renew our place) before trying: LISTEN is already on,
+                    # so no release after the attempt goes unheard.
+                    arrival = self._enqueue(request)
+                    lease = self._try(request, arrival)
+                    if lease is not None:
+                        return lease
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return None
+                    waiter.wait(self._recheck_after(request.name, remaining))
+            except BrokerLockError:
+                reachable = False  # our place lapses by itself; leaving would only delay the error
+                raise
+            finally:
+                if reachable:
+                    self._leave(request, gave_up=lease is None)
+
+    def _enqueue(self, request: Request) -> Any:
+        action = f"wait for {request.name!r}"
+        try:
+            holder = self._presence.current()
+        except self._psycopg.Error as exc:
+            raise self._error(action, exc) from None
+        params = {"name": request.name, "token": request.token, "holder": holder,
+                  "patience": QUEUE_PATIENCE}
+        row = self._run(action, lambda c: c.execute(self._sql["enqueue"], params).fetchone())
+        assert row is not None
+        return row[0]
+
+    def _leave(self, request: Request, gave_up: bool) -> None:
+        params = {"token": request.token, "channel": self._channel(request.name)}
+        statement = self._sql["leave" if gave_up else "dequeue"]
+        try:
+            self._run(f"leave the queue of {request.name!r}", lambda c: c.execute(statement, params))
+        except BrokerLockError as exc:
+            log.debug("%s", exc)  # our place lapses by itself after QUEUE_PATIENCE
+
+    def _try(self, request: Request, arrival: Any) -> Optional[Lease]:
         action = f"acquire {request.name!r}"
         for _attempt in (1, 2):
             try:
@@ -352,9 +313,8 @@ class PostgresAdapter(Adapter):
             params = {
                 "name": request.name, "token": request.token, "ttl": request.ttl,
                 "host": request.host, "pid": request.pid, "thread": request.thread,
-                "holder": holder,
+                "holder": holder, "arrival": arrival,
             }
-
             row = self._run(action, functools.partial(self._attempt, params))
             if row is None:
                 return None
@@ -376,7 +336,7 @@ class PostgresAdapter(Adapter):
         row = conn.execute(self._sql["acquire"], params).fetchone()
         if row is not None:
             return (True, *row)
-        alive = conn.execute(f"SELECT %(holder)s::int8 IN {_LIVE_KEYS}", params).fetchone()
+        alive = conn.execute(f"SELECT %(holder)s::int8 IN {LIVE_KEYS}", params).fetchone()
         return None if alive is None or alive[0] else (False,)
 
     def release(self, name: str, token: str) -> bool:
