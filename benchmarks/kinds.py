@@ -109,6 +109,19 @@ class Flock:
         os.close(self.fd)
 
 
+class LeakyFlock(Flock):
+    """A deliberately broken lock for ``--backends selftest``: when the lock is busy it
+    sometimes claims to have it anyway. The run must catch it and exit 1."""
+
+    def acquire(self) -> None:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if random.random() < 0.2:
+                return  # the bug: "acquired" while somebody else holds it
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+
 class FileLockPeer:
     """tox-dev/filelock with its defaults (polls every 50 ms)."""
 
@@ -466,7 +479,9 @@ KINDS: List[Kind] = [
     Kind("brokerlock redis", "redis", True, _bl_redis, needs="redis"),
     Kind("brokerlock postgres", "postgres", True, _bl_postgres, needs="postgres"),
 ]
-BY_NAME: Dict[str, Kind] = {kind.name: kind for kind in KINDS}
+#: Not in the default run: proves that the exclusion checks fail a broken lock.
+SELFTEST = Kind("leaky flock", "selftest", False, LeakyFlock, note="broken on purpose")
+BY_NAME: Dict[str, Kind] = {kind.name: kind for kind in [*KINDS, SELFTEST]}
 FAMILIES = ["memory", "file", "sqlite", "redis", "postgres"]
 
 #: One-time set-up in the parent, before any worker starts.

@@ -119,6 +119,8 @@ def handoff(lock: Lock, sh: Shared, me: int, n: int, plan: Plan, settle: float) 
         sh[WAITING + me] = 0
         enter(sh, me)
         acquisitions += 1
+        if sh[VIOLATIONS]:
+            sh[STOP] = 1  # turn-taking cannot go on once two hold at once; the run fails
         stopping = bool(sh[STOP])
         t_released = sh[T_RELEASE]
         if t_released and not stopping:
@@ -134,7 +136,10 @@ def handoff(lock: Lock, sh: Shared, me: int, n: int, plan: Plan, settle: float) 
         ):
             sh[STOP] = stopping = True
         if not stopping:
-            wait_until(lambda: all(sh[WAITING + j] for j in range(n) if j != me), "the others to block")
+            wait_until(
+                lambda: all(sh[WAITING + j] for j in range(n) if j != me) or bool(sh[STOP]),
+                "the others to block",
+            )
             # Let the last of them get from the flag into its blocking call, and land
             # the release at a random point of a polling lock's period.
             time.sleep(0.001 + rng.uniform(0, settle))
