@@ -147,7 +147,7 @@ def test_waiting_run_gets_the_lock_when_the_holder_is_done(env: Env, jobs: Jobs,
     expect(holder.stdout, "started")
     waiter = jobs.start(env, "run", "--timeout", "30s", "job", "--", "sh", "-c", f"echo second >> {log}")
     time.sleep(0.5)  # only to give the waiter a chance to run too early, which it must not
-    assert waiter.poll() is None and not log.exists()
+    assert waiter.poll() is None and not log.exists(), finish(waiter)
 
     assert finish(holder, b"go\n")[0] == 0
     assert finish(waiter)[0] == 0
@@ -215,7 +215,7 @@ def test_signal_while_waiting_runs_nothing(env: Env, jobs: Jobs, tmp_path: Path)
     time.sleep(0.5)
     waiter.terminate()
     code, _, err = finish(waiter)
-    assert code == 143 and "waiting for lock 'job'" in one_line(err)
+    assert code == 143 and "waiting for lock 'job'" in one_line(err), err
     assert not (tmp_path / "marker").exists()
     finish(holder, b"go\n")
 
