@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import timedelta
-from typing import Optional, Union
+import sys
+from typing import TYPE_CHECKING, Optional, Union
 
-Duration = Union[str, int, float, timedelta, None]
+if TYPE_CHECKING:
+    from datetime import timedelta
+
+Duration = Union[str, int, float, "timedelta", None]
 
 #: Longer than any lease or wait that makes sense; beyond it Redis' PX and
 #: float arithmetic on epoch seconds start to misbehave, so refuse early.
@@ -39,8 +42,10 @@ def parse_duration(value: Duration, what: str = "duration") -> Optional[float]:
         return None
     if isinstance(value, bool):
         raise TypeError(f"{what} must be a duration, not a bool: {value!r}")
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
+    # A timedelta can only exist if datetime was imported: do not pay for it otherwise.
+    datetime = sys.modules.get("datetime")
+    if datetime is not None and isinstance(value, datetime.timedelta):
+        seconds = float(value.total_seconds())
     elif isinstance(value, (int, float)):
         try:
             seconds = float(value)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import secrets
 import threading
 import time
 from contextlib import contextmanager
@@ -216,7 +215,7 @@ class BrokerLockItem:
             raise BrokerLockError(
                 f"lock {self.name!r} is already acquired by this thread; call release() first"
             )
-        return Request(self.name, secrets.token_hex(16), self.ttl)
+        return Request.make(self.name, os.urandom(16).hex(), self.ttl)
 
     def _took(self, lease: Lease, asked: float, keepalive: Optional[bool]) -> BrokerLockItem:
         hold = Hold(self, lease, asked, self.keepalive if keepalive is None else keepalive)

@@ -16,7 +16,6 @@ PostgreSQL for locks shared between hosts.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -51,6 +50,8 @@ _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
 def file_name(name: str) -> str:
     """The file that holds ``name``'s record: a hash, so any name is harmless."""
+    import hashlib  # here, not at the top: it costs a CLI on the SQLite store ~2 ms
+
     return hashlib.sha256(name.encode("utf-8")).hexdigest()[:40] + _SUFFIX
 
 

@@ -6,7 +6,6 @@ served: a newcomer never overtakes a thread that is already waiting.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import threading
 import time
@@ -95,7 +94,7 @@ class MemoryAdapter(Adapter):
             if lease is None or lease.token != token:
                 return None
             expires = None if ttl is None else self._clock() + ttl
-            lease = dataclasses.replace(lease, expires_at=expires)
+            lease = lease._replace(expires_at=expires)
             self._leases[name] = lease
             return lease
 
