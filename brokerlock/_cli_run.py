@@ -11,7 +11,6 @@ process handle.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -66,12 +65,24 @@ def _terminal_sent_it() -> bool:
 
 
 def _check_command(argv0: str) -> Optional[int]:
-    """126/127 when ``argv0`` cannot run, checked before we wait for the lock."""
-    if os.sep in argv0 or (os.altsep and os.altsep in argv0):
-        if not os.path.exists(argv0):
-            return EX_NOTFOUND
-        return None if os.access(argv0, os.X_OK) and not os.path.isdir(argv0) else EX_NOEXEC
-    return None if shutil.which(argv0) else EX_NOTFOUND
+    """126/127 when ``argv0`` cannot run, as a shell would say, checked before the wait."""
+    if sys.platform == "win32":
+        import shutil  # knows PATHEXT
+
+        return None if shutil.which(argv0) else EX_NOTFOUND
+    if "/" in argv0:
+        if os.path.isdir(argv0):
+            return EX_NOEXEC
+        candidates = [argv0]
+    else:  # execvp's search, without importing shutil for it
+        candidates = [os.path.join(d or ".", argv0) for d in os.get_exec_path()]
+    found = False
+    for path in candidates:
+        if os.path.isfile(path):
+            if os.access(path, os.X_OK):
+                return None
+            found = True
+    return EX_NOEXEC if found else EX_NOTFOUND
 
 
 class _Runner:
@@ -229,7 +240,9 @@ def run(
     # A typo in the command should fail at once, not after waiting for the lock.
     code = _check_command(cmd[0])
     if code is not None:
-        say(f"cannot run {cmd[0]!r}: {'command not found' if code == EX_NOTFOUND else 'not executable'}")
+        why = "no such file" if "/" in cmd[0] else "not found in PATH"
+        why = "not executable" if code == EX_NOEXEC else why
+        say(f"cannot run {cmd[0]!r}: {why}")
         return code
     restore = runner.install()
     try:
