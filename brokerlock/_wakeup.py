@@ -14,8 +14,9 @@ import logging
 import os
 import select
 import struct
+import sys
 import time
-from typing import Dict, Mapping, Optional
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 from ._platform import HAVE_INOTIFY
 from .adapters.base import BackoffWaiter, Waiter
@@ -47,21 +48,42 @@ if HAVE_INOTIFY:
         _libc = None
 
 
+#: Wait up to ``ms`` milliseconds (None: forever) for one descriptor to become readable;
+#: a non-empty result means it did.
+Poller = Callable[[Optional[int]], Sequence[object]]
+
+if sys.platform != "win32" and hasattr(select, "poll"):
+
+    def _poller(fd: int) -> Poller:
+        # poll(), not select(): select() cannot watch a descriptor above FD_SETSIZE (1024).
+        poll = select.poll()
+        poll.register(fd, select.POLLIN)
+        return poll.poll
+
+else:  # a platform without poll(); only reached if inotify is found there all the same
+
+    def _poller(fd: int) -> Poller:
+        def wait(ms: Optional[int]) -> Sequence[object]:
+            ready, _, _ = select.select([fd], [], [], None if ms is None else ms / 1000)
+            return ready
+
+        return wait
+
+
 class InotifyWaiter(Waiter):
     """Wakes when one of the watched files sees one of the events asked for it."""
 
     def __init__(self, fd: int, wanted: Dict[int, Dict[bytes, int]]) -> None:
         self._fd = fd
         self._wanted = wanted
-        self._poll = select.poll()
-        self._poll.register(fd, select.POLLIN)
+        self._poll = _poller(fd)
 
     def wait(self, timeout: Optional[float]) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             ms = None if remaining is None else int(remaining * 1000) + 1
-            if not self._poll.poll(ms):
+            if not self._poll(ms):
                 return
             if self._drain():
                 return

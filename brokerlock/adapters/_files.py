@@ -7,13 +7,71 @@ and a directory another user controls is refused with an explanation.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import sys
 
+from .._platform import HAVE_FCNTL
 from ..errors import BrokerLockError
 
-O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+#: 0 where the platform has no such flag (Windows): never ``os.O_NOFOLLOW`` directly.
+O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
+O_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
+
+#: Why the lock-file store cannot work here, for the error that says so.
+NO_FLOCK = (
+    f"FileAdapter needs flock(), which {sys.platform} does not have; "
+    "use SQLiteAdapter on this platform"
+)
+
+# Whole-file kernel locks and positioned I/O, split by platform in a way mypy follows:
+# adapters call these, never fcntl.flock or os.pread, so they type-check on Windows.
+if sys.platform == "win32":
+
+    def lock_file(fd: int, *, shared: bool = False, blocking: bool = True) -> bool:
+        raise BrokerLockError(NO_FLOCK)
+
+    def unlock_file(fd: int) -> None:
+        raise BrokerLockError(NO_FLOCK)
+
+    def read_at(fd: int, size: int, offset: int) -> bytes:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.read(fd, size)
+
+    def write_at(fd: int, data: bytes, offset: int) -> int:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, data)
+
+else:
+    if HAVE_FCNTL:
+        import fcntl
+
+    def lock_file(fd: int, *, shared: bool = False, blocking: bool = True) -> bool:
+        """``flock`` the open file; with ``blocking=False``, False when another holds it."""
+        if not HAVE_FCNTL:
+            raise BrokerLockError(NO_FLOCK)
+        operation = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        if not blocking:
+            operation |= fcntl.LOCK_NB
+        try:
+            fcntl.flock(fd, operation)
+        except OSError as exc:
+            if not blocking and exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def unlock_file(fd: int) -> None:
+        if not HAVE_FCNTL:
+            raise BrokerLockError(NO_FLOCK)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def read_at(fd: int, size: int, offset: int) -> bytes:
+        return os.pread(fd, size, offset)
+
+    def write_at(fd: int, data: bytes, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
 
 
 def ensure_private_dir(path: str, *, create: bool = True) -> str:
