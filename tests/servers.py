@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import os
-import pwd
 import shutil
 import signal
 import socket
@@ -21,6 +20,11 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 from stores import need
+
+try:
+    import pwd
+except ImportError:  # Windows: the server tests skip there (BROKERLOCK_SKIP_SERVERS)
+    pwd = None  # type: ignore[assignment]
 
 READY_WITHIN = 60.0
 
