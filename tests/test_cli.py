@@ -208,6 +208,47 @@ def test_the_command_handles_the_signal_while_still_holding_the_lock(env: Env, j
     assert cli(env, "status", "job").returncode == 0
 
 
+def on_a_terminal(env: Env, argv: List[str], typed: bytes = b"") -> Tuple[int, str]:
+    """Run ``argv`` as the foreground job of a new terminal; type ``typed`` once it
+    prints "started"; its exit code and what the terminal showed."""
+    pty = pytest.importorskip("pty")
+    pid, master = pty.fork()
+    if pid == 0:  # pragma: no cover - the child becomes argv on the terminal
+        os.execve(argv[0], argv, env)
+    output = b""
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 30)
+            assert ready, output
+            try:
+                chunk = os.read(master, 1024)
+            except OSError:  # EIO: every process of the terminal has gone
+                break
+            if not chunk:
+                break
+            if b"started" not in output and b"started" in output + chunk and typed:
+                os.write(master, typed)
+            output += chunk
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(master)
+    return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
+
+
+def test_ctrl_c_on_a_terminal_stops_the_command_and_is_not_sent_twice(env: Env) -> None:
+    # The terminal signals its whole foreground process group, the command included: a
+    # forwarded copy would be a second Ctrl-C, which many programs take as "skip clean-up".
+    # Whether the child would see two is a race, so ask brokerlock what it decides.
+    decide = "from brokerlock._cli_run import _terminal_sent_it as t; print('from terminal:', t())"
+    assert "from terminal: True" in on_a_terminal(env, [sys.executable, "-c", decide])[1]
+    assert cli(env, "run", "job", "--", sys.executable, "-c", decide).stdout == "from terminal: False\n"
+
+    run = [sys.executable, "-m", "brokerlock", "run", "job", "--", *SLEEP]
+    code, shown = on_a_terminal(env, run, typed=b"\x03")  # Ctrl-C
+    assert code == 130, shown
+    assert cli(env, "status", "job").returncode == 0
+
+
 def test_signal_while_waiting_runs_nothing(env: Env, jobs: Jobs, tmp_path: Path) -> None:
     holder = jobs.start(env, "run", "job", "--", *WAIT_FOR_STDIN)
     expect(holder.stdout, "started")
