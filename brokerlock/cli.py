@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, NoReturn, Optional, Sequence
@@ -331,6 +332,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EX_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `brokerlock list | head -1`: the reader has gone, as for any Unix tool; keep
+        # the interpreter's final flush from complaining about it too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # as if killed by SIGPIPE, which is what a shell shows for other tools
     except ImportError as exc:
         # A server back end whose driver is not installed (pip install 'brokerlock[redis]').
         _say(f"cannot use this store: {exc}")

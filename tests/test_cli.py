@@ -420,6 +420,19 @@ def test_every_error_is_one_line_and_a_clear_exit_code(env: Env, tmp_path: Path)
         assert result.stdout == ""
 
 
+def test_a_reader_that_went_away_is_not_an_error(env: Env) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `brokerlock list | head -0` once head has exited
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "brokerlock", "list"], env=env, stdout=write_end,
+            stderr=subprocess.PIPE, text=True, timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (141, "")
+
+
 def test_help_and_version() -> None:
     for command in ([], ["run"], ["status"], ["list"], ["release"]):
         result = cli(dict(os.environ), *command, "--help")
