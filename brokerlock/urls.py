@@ -28,7 +28,12 @@ def default_url() -> str:
     url = os.environ.get(ENV_URL, "").strip()
     if url:
         return url
-    return "sqlite:///" + os.path.join(state_dir(), "locks.sqlite3")
+    path = os.path.join(state_dir(), "locks.sqlite3")
+    # Only what a URL would misread is escaped ("%", "?", "#" in a home directory);
+    # spaces (macOS "Application Support") and Windows backslashes read back as they are.
+    for char, escaped in (("%", "%25"), ("?", "%3F"), ("#", "%23")):
+        path = path.replace(char, escaped)
+    return "sqlite:///" + path
 
 
 def adapter_from_url(url: str) -> Adapter:

@@ -276,3 +276,23 @@ def test_dead_holder_is_freed_by_witness_or_by_lease(store: str, portable: bool,
         assert out["after"] >= 1.5
     else:
         assert out["free_at_once"], "the witness frees a dead holder's lock at once"
+
+
+# -- the default store, wherever the user's state directory is ------------------------
+@pytest.mark.parametrize("odd", ["Application Support", "we#ird", "what?", "100%41", "back\\slash"])
+def test_default_store_url_reads_back_as_its_path(
+    odd: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """macOS puts state under "Application Support"; a home directory may hold any of
+    the characters a URL reads specially. The default URL must name the same file."""
+    from brokerlock import SQLiteAdapter, urls
+
+    state = tmp_path / odd / "brokerlock"
+    monkeypatch.delenv("BROKERLOCK_URL", raising=False)
+    monkeypatch.setattr(urls, "state_dir", lambda: str(state))
+    adapter = urls.adapter_from_url(urls.default_url())
+    try:
+        assert isinstance(adapter, SQLiteAdapter)
+        assert adapter.path == os.path.join(os.path.realpath(state), "locks.sqlite3")
+    finally:
+        adapter.close()

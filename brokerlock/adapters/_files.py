@@ -18,6 +18,8 @@ from ..errors import BrokerLockError
 #: 0 where the platform has no such flag (Windows): never ``os.O_NOFOLLOW`` directly.
 O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
 O_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
+#: Windows only: no newline translation, no Ctrl-Z end of file.
+O_BINARY: int = getattr(os, "O_BINARY", 0)
 
 #: Why the lock-file store cannot work here, for the error that says so.
 NO_FLOCK = (
@@ -112,7 +114,7 @@ def check_dir(path: str) -> None:
 def open_private(path: str, flags: int) -> int:
     """Open (creating 0600) without following a symlink at ``path``."""
     try:
-        return os.open(path, flags | os.O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        return os.open(path, flags | os.O_CREAT | O_NOFOLLOW | O_CLOEXEC | O_BINARY, 0o600)
     except OSError as exc:
         if os.path.islink(path):
             raise BrokerLockError(
