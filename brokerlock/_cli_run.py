@@ -1,11 +1,12 @@
 """``brokerlock run``: hold a lock for the life of a child process.
 
-One thread does everything: it sleeps until the child exits, a signal arrives, or the
-next renewal is due, so no state is shared between threads and signal handlers run
-where the state lives. On POSIX the sleep is a ``select()`` on the signal wake-up pipe
-with a SIGCHLD handler installed, so the child's exit wakes us at once (``Popen.wait``
-with a timeout would poll every 50 ms); on Windows ``Popen.wait`` blocks on the
-process handle.
+The main thread waits for the child and reacts to everything, so signal handlers run
+where the state lives. It sleeps in ``select()`` on the signal wake-up pipe, with a
+SIGCHLD handler installed so that the child's exit wakes it at once (``Popen.wait``
+with a timeout would poll every 50 ms). With ``--keepalive`` the library's renewer
+thread extends the lease; its ``on_lost`` callback only sets a flag and writes to the
+same pipe. Windows has neither SIGCHLD nor the pipe: there ``Popen.wait`` blocks on
+the process handle, in slices of 0.1 s when a loss must be noticed.
 """
 
 from __future__ import annotations
