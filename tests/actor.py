@@ -32,6 +32,13 @@ def serve(url: str, user: Optional[str] = None) -> None:
         import brokerlock.adapters.file
         import brokerlock.adapters.sqlite  # noqa: F401
 
+        drivers = ("redis", "psycopg", "brokerlock.adapters.redis", "brokerlock.adapters.postgres")
+        for driver in ("encodings.idna", *drivers):
+            try:
+                __import__(driver)
+            except ImportError:
+                pass
+
         info = pwd.getpwnam(user)
         os.setgroups([])
         os.setgid(info.pw_gid)
@@ -62,9 +69,9 @@ def serve(url: str, user: Optional[str] = None) -> None:
                 got = items[name].try_acquire()
                 value = None if got is None else got.fence
             elif command == "extend":
-                items[args[0]].extend()
+                items.setdefault(args[0], store().item(args[0])).extend()
             elif command == "release":
-                items[args[0]].release()
+                items.setdefault(args[0], store().item(args[0])).release()
             elif command == "force":
                 value = store().adapter.force_release(args[0])
             elif command == "reserved":
