@@ -24,6 +24,7 @@ import threading
 from typing import Dict, Optional
 
 from ._platform import HAVE_WITNESS
+from .errors import BrokerLockError
 
 _RANDOM = random.SystemRandom()
 
@@ -89,7 +90,16 @@ class Witness:
             os.close(self._fd)
             self._fd = -1
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(self.path, flags, 0o600)
+        try:
+            fd = os.open(self.path, flags, 0o600)
+        except OSError as exc:
+            # Every store failure is a BrokerLockError, naming the file and why.
+            why = (
+                "it is a symbolic link, which a witness file never is"
+                if os.path.islink(self.path)
+                else exc.strerror
+            )
+            raise BrokerLockError(f"refusing to open witness file {self.path}: {why}") from None
         for _ in range(16):
             offset = _RANDOM.randrange(1, 1 << 62)
             try:
