@@ -17,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 
 def free_port() -> int:
@@ -113,20 +113,21 @@ def start_postgres() -> Tuple[Optional[Server], str]:
     if bindir is None:
         return None, "PostgreSQL's initdb was not found"
     directory = tempfile.mkdtemp(prefix="brokerlock-bench-pg-")
-    prefix: List[str] = []
+    as_user: Dict[str, Any] = {}
     if os.geteuid() == 0:
-        # PostgreSQL refuses to run as root: run it as the postgres user.
+        # PostgreSQL refuses to run as root: run it as the postgres user. Through Popen's
+        # user/group rather than runuser, so that the process we signal to stop is
+        # postgres itself and not a wrapper that would leave it running.
         try:
             user = pwd.getpwnam("postgres")
         except KeyError:
             shutil.rmtree(directory, ignore_errors=True)
             return None, "running as root and there is no postgres user to run PostgreSQL as"
         os.chown(directory, user.pw_uid, user.pw_gid)
-        prefix = ["runuser", "-u", "postgres", "--"]
+        as_user = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
     data = os.path.join(directory, "data")
     init = subprocess.run(
         [
-            *prefix,
             os.path.join(bindir, "initdb"),
             "-D",
             data,
@@ -141,6 +142,8 @@ def start_postgres() -> Tuple[Optional[Server], str]:
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        cwd=directory,
+        **as_user,
     )
     if init.returncode != 0:
         shutil.rmtree(directory, ignore_errors=True)
@@ -152,7 +155,6 @@ def start_postgres() -> Tuple[Optional[Server], str]:
     # PostgreSQL row below runs on the same server with the same settings.
     proc = subprocess.Popen(
         [
-            *prefix,
             os.path.join(bindir, "postgres"),
             "-D",
             data,
@@ -173,6 +175,8 @@ def start_postgres() -> Tuple[Optional[Server], str]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        cwd=directory,
+        **as_user,
     )
     dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
 
