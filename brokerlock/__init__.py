@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from .adapters.base import Adapter, Lease
@@ -18,6 +19,10 @@ if TYPE_CHECKING:
     from .adapters.sqlite import SQLiteAdapter as SQLiteAdapter
 
 __version__ = "0.1.0"
+
+# A library must not print: without a handler of the application's, Python's
+# last-resort handler would write our warnings to stderr.
+logging.getLogger("brokerlock").addHandler(logging.NullHandler())
 
 __all__ = [
     "Adapter",

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from .adapters.base import Lease
+
 
 class BrokerLockError(Exception):
     """Base class of every error brokerlock raises on purpose.
@@ -12,7 +17,24 @@ class BrokerLockError(Exception):
 
 
 class LockTimeout(BrokerLockError, TimeoutError):
-    """The lock could not be acquired before the item's ``timeout`` ran out."""
+    """The lock could not be acquired before the item's ``timeout`` ran out.
+
+    ``name``, ``holder`` (the lease in the way, if it was still there) and ``waited``
+    (seconds) let a caller report the conflict in its own words.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        name: Optional[str] = None,
+        holder: Optional[Lease] = None,
+        waited: Optional[float] = None,
+    ) -> None:
+        super().__init__(message)
+        self.name = name
+        self.holder = holder
+        self.waited = waited
 
 
 class LockLost(BrokerLockError):

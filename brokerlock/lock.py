@@ -45,6 +45,7 @@ class Hold:
         self.keepalive = keepalive and self.ttl is not None
         self.lost = False
         self.ended = False
+        self.failures = 0
         self.mutex = threading.Lock()
 
     @property
@@ -71,7 +72,11 @@ class Hold:
                 assert self.expires is not None
                 left = self.expires - time.monotonic()
                 if left > 0:
-                    log.warning(
+                    self.failures += 1
+                    # One warning per run of failures, not one per retry: a retry a second
+                    # would flood a cron job's mail while the store is down.
+                    log.log(
+                        logging.WARNING if self.failures == 1 else logging.DEBUG,
                         "renewing lock %r fence %d failed, retrying (%.3fs of lease left): %s",
                         self.item.name, self.lease.fence, left, exc,
                     )
@@ -81,7 +86,14 @@ class Hold:
                 why = "the store no longer has its lease (expired, taken over or broken)"
             if lease is not None:
                 self.lease, self.expires = lease, asked + self.ttl
-                log.debug("renewed %r fence %d", self.item.name, lease.fence)
+                if self.failures:
+                    log.info(
+                        "renewed %r fence %d after %d failed attempts",
+                        self.item.name, lease.fence, self.failures,
+                    )
+                    self.failures = 0
+                else:
+                    log.debug("renewed %r fence %d", self.item.name, lease.fence)
                 return asked + self.ttl * RENEW_AT
         self.item._mark_lost(self, why)
         return None
@@ -240,7 +252,10 @@ class BrokerLockItem:
             log.debug("timed out on %r after %.3fs", self.name, waited)
             raise LockTimeout(
                 f"could not acquire lock {self.name!r} within {format_duration(self.timeout)} "
-                f"(waited {format_duration(waited)}): {who}"
+                f"(waited {format_duration(waited)}): {who}",
+                name=self.name,
+                holder=holder,
+                waited=waited,
             )
         return self._took(lease, asked, keepalive)
 

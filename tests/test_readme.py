@@ -41,3 +41,12 @@ def test_readme_example_runs(
     code = code.replace("/var/lib/myapp", str(tmp_path / "myapp"))
     exec(compile(code, str(README), "exec"), {"__name__": "readme"})
     assert capsys.readouterr().out.strip(), "every example shows what it did"
+
+
+def test_readme_is_valid_restructuredtext() -> None:
+    """PyPI refuses a long description that does not render; catch it here."""
+    import docutils.core
+
+    docutils.core.publish_doctree(
+        README.read_text(), settings_overrides={"halt_level": 2, "report_level": 2}
+    )

@@ -56,6 +56,8 @@ def test_timeout_raises_lock_timeout_naming_holder(lock: BrokerLock, other: Brok
     assert isinstance(info.value, TimeoutError)
     message = str(info.value)
     assert "'busy'" in message and "pid" in message
+    assert info.value.name == "busy" and info.value.waited is not None
+    assert info.value.holder is not None and info.value.holder.fence >= 1
     assert not waiter.acquired
 
 
