@@ -19,7 +19,7 @@ import time
 from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
-from stores import need
+from stores import SKIP_SERVERS, need
 
 try:
     import pwd
@@ -192,6 +192,8 @@ def _workdir(owner: Optional[str]) -> str:
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
+    if SKIP_SERVERS:
+        pytest.skip("BROKERLOCK_SKIP_SERVERS is set: no server tests on this platform")
     binary = shutil.which("redis-server")
     if binary is None:
         need("redis-server", "install it (apt-get install redis-server) to run the Redis tests")
@@ -212,6 +214,8 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
+    if SKIP_SERVERS:
+        pytest.skip("BROKERLOCK_SKIP_SERVERS is set: no server tests on this platform")
     bindir = postgres_bindir()
     if bindir is None or not os.path.exists(os.path.join(bindir, "initdb")):
         need("PostgreSQL", "install it (apt-get install postgresql) to run the PostgreSQL tests")

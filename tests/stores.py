@@ -18,8 +18,8 @@ from brokerlock._platform import HAVE_FCNTL
 
 StoreFactory = Callable[[], Adapter]
 
-#: Set by CI where the servers are not installed (macOS, Windows): the server back ends
-#: are left out there; on Linux CI they run and must not skip.
+#: Set by CI where the servers are not installed (macOS, Windows): the server fixtures
+#: (tests/servers.py) skip there; on Linux CI they run and must not skip.
 SKIP_SERVERS = os.environ.get("BROKERLOCK_SKIP_SERVERS", "") not in ("", "0")
 
 
@@ -76,10 +76,6 @@ STORES: Dict[str, Callable[..., StoreFactory]] = {
 #: Back ends whose stores another process can reach (for multi-process tests).
 SHARED = ["sqlite", "file", "redis", "postgres"]
 
-if SKIP_SERVERS:
-    for _name in ("redis", "postgres"):
-        del STORES[_name]
-        SHARED.remove(_name)
 if not HAVE_FCNTL:  # Windows: no flock, FileAdapter refuses to start (tests/test_portable.py)
     del STORES["file"]
     SHARED.remove("file")
