@@ -14,13 +14,21 @@ from typing import Any, Callable, Dict
 import pytest
 
 from brokerlock import Adapter, FileAdapter, MemoryAdapter, SQLiteAdapter
-from brokerlock._platform import HAVE_FCNTL
+from brokerlock._platform import HAVE_FCNTL, HAVE_WITNESS
 
 StoreFactory = Callable[[], Adapter]
 
 #: Set by CI where the servers are not installed (macOS, Windows): the server fixtures
 #: (tests/servers.py) skip there; on Linux CI they run and must not skip.
 SKIP_SERVERS = os.environ.get("BROKERLOCK_SKIP_SERVERS", "") not in ("", "0")
+
+#: For tests of what the kernel-lock witness promises (a dead holder's lock free at
+#: once): Windows has none, and BROKERLOCK_PORTABLE=1 turns it off (the lease decides).
+needs_witness = pytest.mark.skipif(
+    not HAVE_WITNESS, reason="no liveness witness here (Windows or BROKERLOCK_PORTABLE=1)"
+)
+#: For tests of FileAdapter itself: without flock() (Windows) it refuses to start.
+needs_flock = pytest.mark.skipif(not HAVE_FCNTL, reason="no flock() here: FileAdapter cannot work")
 
 
 def need(what: str, how: str) -> None:
