@@ -20,7 +20,7 @@ import threading
 from typing import Dict, Optional
 
 from ._wakeup import _IN_CLOEXEC, _IN_NONBLOCK, CLOSED, MODIFIED, InotifyWaiter, _libc
-from .adapters._files import O_CLOEXEC, O_NOFOLLOW, ensure_private_dir, open_private
+from .adapters._files import O_CLOEXEC, O_NOFOLLOW, ensure_private_dir, open_private, write_at
 from .adapters.base import BackoffWaiter, Waiter
 from .errors import BrokerLockError
 
@@ -80,30 +80,82 @@ def _thread_inotify() -> int:
     return held.fd
 
 
+class _OwnBell:
+    """A thread's bell in one store: kept for all its waits, removed with the thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.pid = path, os.getpid()
+        self.name = os.path.basename(path)
+
+    def __del__(self) -> None:
+        if self.pid == os.getpid():
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+_own = threading.local()
+
+
 class Bells:
-    """The bells of one store, in a private directory beside it."""
+    """The bells of one store, in a private directory beside it.
+
+    A bell belongs to a thread and serves all its waits: making and removing a file
+    per wait would put an unlink (tens of µs) on every hand-over. A ring meant for a
+    wait that already ended only causes one spurious wake-up of the next wait.
+    Bells of processes that died are removed by whoever finds them dead in a queue,
+    and by the first process to use the store after them (``_sweep``).
+    """
 
     def __init__(self, directory: str, witness_path: str) -> None:
         self.directory = directory
         self.witness_path = witness_path
-        self._ready = False
+        self._swept_by = -1
 
     def _path(self, bell: str) -> str:
         return os.path.join(self.directory, bell)
 
-    def make(self, token: str) -> Optional[str]:
-        """A bell for the waiter ``token``, or ``None`` where bells cannot wake anyone."""
+    def make(self) -> Optional[str]:
+        """The calling thread's bell, or ``None`` where bells cannot wake anyone."""
         if _libc is None:
             return None
-        if not self._ready:
+        bells = getattr(_own, "bells", None)
+        if bells is None:
+            bells = _own.bells = {}
+        own: Optional[_OwnBell] = bells.get(self.directory)
+        if own is not None and own.pid == os.getpid() and os.path.exists(own.path):
+            return own.name  # (a pruner may have taken a stalled waiter's bell for dead)
+        if self._swept_by != os.getpid():
             ensure_private_dir(self.directory)
-            self._ready = True
+            self._sweep()
+        name = f"{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}"
         try:
-            os.close(open_private(self._path(token), os.O_WRONLY | os.O_EXCL))
+            os.close(open_private(self._path(name), os.O_WRONLY | os.O_EXCL))
         except BrokerLockError as exc:
             log.debug("no bell for a waiter (%s); it will poll", exc)
             return None
-        return token
+        bells[self.directory] = _OwnBell(self._path(name))
+        return name
+
+    def _sweep(self) -> None:
+        """Remove the bells of processes that no longer exist (cheap garbage collection;
+        a reused PID only keeps an empty file a little longer)."""
+        self._swept_by = os.getpid()
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in names:
+            pid = name.split(".", 1)[0]
+            if not pid.isdigit():
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                self.discard(name)
+            except OSError:
+                pass  # alive, but another user's
 
     def waiter(self, bell: Optional[str]) -> Waiter:
         """Sleep until ``bell`` rings or a process of the store exits."""
@@ -129,14 +181,15 @@ class Bells:
         except OSError:
             return
         try:
-            os.pwrite(fd, b"\1", 0)
-        except OSError as exc:  # a full disk cannot stop a zero-length-growth write, but
+            write_at(fd, b"\1", 0)
+        except OSError as exc:
             log.debug("could not ring bell %s: %s", bell, exc)
         finally:
             os.close(fd)
 
-    def remove(self, bell: Optional[str]) -> None:
-        if not bell:
+    def discard(self, bell: Optional[str]) -> None:
+        """Remove the bell of a waiter that died."""
+        if not bell or os.sep in bell or bell.startswith("."):
             return
         try:
             os.unlink(self._path(bell))

@@ -203,7 +203,7 @@ class FileAdapter(Adapter):
         deadline = None if timeout is None else time.monotonic() + timeout
         name, token = request.name, request.token
         witness = self._witness.mine()  # also creates the witness file the waiter watches
-        bell = self._bells.make(token)
+        bell = self._bells.make()
         refresh_at = 0.0
         wake: Optional[str] = None
 
@@ -250,7 +250,6 @@ class FileAdapter(Adapter):
                         bound = min(bound, max(0.0, outcome - self._clock()) + 0.001)
                     waiter.wait(bound if remaining is None else min(bound, remaining))
         finally:
-            self._bells.remove(bell)
             if taken is None:
                 self._leave(name, token)
 

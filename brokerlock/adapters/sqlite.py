@@ -187,12 +187,12 @@ class SQLiteAdapter(Adapter):
 
         return self._granted(request, params, self._run(f"acquire {request.name!r}", attempt))
 
-    def _waiters(
+    def _head(
         self, conn: sqlite3.Connection, name: str, now: float
-    ) -> Tuple[List[Tuple[str, Optional[str]]], List[Tuple[int, Optional[str]]]]:
-        """The live waiters' ``(token, bell)`` in arrival order, and the ``(ticket, bell)``
-        of those that died or let their place run out."""
-        live: List[Tuple[str, Optional[str]]] = []
+    ) -> Tuple[Optional[Tuple[str, Optional[str]]], List[Tuple[int, Optional[str]]]]:
+        """The ``(token, bell)`` of the first live waiter, and the ``(ticket, bell)`` of
+        the dead ones before it. Liveness is tested only up to the head: those behind
+        it are looked at when their turn comes."""
         dead: List[Tuple[int, Optional[str]]] = []
         for ticket, token, witness, until, bell in conn.execute(
             "SELECT ticket, token, witness, until, bell FROM brokerlock_waiters "
@@ -200,20 +200,19 @@ class SQLiteAdapter(Adapter):
             (name,),
         ):
             if until > now and self._witness.is_alive(witness):
-                live.append((token, bell))
-            else:
-                dead.append((ticket, bell))
-        return live, dead
+                return (token, bell), dead
+            dead.append((ticket, bell))
+        return None, dead
 
     def _delete_waiters(self, conn: sqlite3.Connection, dead: List[Tuple[int, Optional[str]]]) -> None:
         if dead:
             conn.executemany("DELETE FROM brokerlock_waiters WHERE ticket = ?", [(t,) for t, _ in dead])
             for _, bell in dead:
-                self._bells.remove(bell)
+                self._bells.discard(bell)
 
     def _prune(self, conn: sqlite3.Connection, name: str, now: float) -> bool:
         """Drop waiters that died or vanished; whether there were any."""
-        _live, dead = self._waiters(conn, name, now)
+        _head, dead = self._head(conn, name, now)
         self._delete_waiters(conn, dead)
         return bool(dead)
 
@@ -230,13 +229,14 @@ class SQLiteAdapter(Adapter):
         )
         return busy, (row[1] if busy else None)
 
-    def _next_bell(self, conn: sqlite3.Connection, name: str) -> Optional[str]:
-        """The bell of the waiter whose turn it now is, if the lock is free."""
+    def _next_bell(self, conn: sqlite3.Connection, name: str, *, freed: bool = False) -> Optional[str]:
+        """The bell of the waiter whose turn it now is, if the lock is free (as it is
+        when the caller has just ``freed`` it)."""
         now = self._clock()
-        live, _dead = self._waiters(conn, name, now)
-        if not live or self._holder(conn, name, now)[0]:
+        head, _dead = self._head(conn, name, now)
+        if head is None or (not freed and self._holder(conn, name, now)[0]):
             return None
-        return live[0][1]
+        return head[1]
 
     def acquire(self, request: Request, timeout: Optional[float]) -> Optional[Lease]:
         """FIFO: a waiter queues in ``brokerlock_waiters`` and takes the lock only at the
@@ -249,7 +249,7 @@ class SQLiteAdapter(Adapter):
         deadline = None if timeout is None else time.monotonic() + timeout
         name, token = request.name, request.token
         witness = self._witness.mine()  # also creates the witness file the waiter watches
-        bell = self._bells.make(token)
+        bell = self._bells.make()
         ticket: Optional[int] = None
         refresh_at = 0.0
 
@@ -267,21 +267,14 @@ class SQLiteAdapter(Adapter):
                 else:
                     conn.execute("UPDATE brokerlock_waiters SET until = ? WHERE ticket = ?", (until, ticket))
                 refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
-            live, dead = self._waiters(conn, name, now)
-            busy, expires = self._holder(conn, name, now)
-            if busy or not live or live[0][0] != token:
-                self._delete_waiters(conn, dead)
-                # Dead waiters ahead were dropped: if the lock is free, tell the new head.
-                wake = live[0][1] if dead and live and not busy else None
-                return None, expires, wake
-            # Looks like our turn: confirm it under the write lock, then take the lock
-            # and leave the queue in one transaction.
+            # Take SQLite's write lock at once: bells wake only the waiter whose turn it
+            # is, so a look without it first would only add a round of reads.
             params = self._params(request)
             conn.execute("BEGIN IMMEDIATE")
             try:
-                live, dead = self._waiters(conn, name, params["now"])
+                head, dead = self._head(conn, name, params["now"])
                 busy, expires = self._holder(conn, name, params["now"])
-                turn = not busy and bool(live) and live[0][0] == token
+                turn = not busy and head is not None and head[0] == token
                 fence = self._take(conn, params, newcomer=False) if turn else None
                 if fence is not None:
                     conn.execute("DELETE FROM brokerlock_waiters WHERE ticket = ?", (ticket,))
@@ -290,7 +283,9 @@ class SQLiteAdapter(Adapter):
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            return self._granted(request, params, fence), expires, None
+            # Dead waiters ahead were dropped: if the lock is free, tell the new head.
+            wake = head[1] if dead and head is not None and not busy and fence is None else None
+            return self._granted(request, params, fence), expires, wake
 
         taken: Optional[Lease] = None
         try:
@@ -308,7 +303,6 @@ class SQLiteAdapter(Adapter):
                         bound = min(bound, max(0.0, expires - self._clock()) + 0.001)
                     waiter.wait(bound if remaining is None else min(bound, remaining))
         finally:
-            self._bells.remove(bell)
             if taken is None and ticket is not None:
                 gone = ticket
 
@@ -323,7 +317,7 @@ class SQLiteAdapter(Adapter):
 
         def free(conn: sqlite3.Connection) -> Tuple[Any, Optional[str]]:
             row = conn.execute(sql, params).fetchone()
-            return row, (None if row is None else self._next_bell(conn, name))
+            return row, (None if row is None else self._next_bell(conn, name, freed=True))
 
         row, bell = self._run(f"{action} {name!r}", free)
         self._bells.ring(bell)
