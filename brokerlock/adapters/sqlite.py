@@ -45,6 +45,12 @@ CREATE TABLE IF NOT EXISTS brokerlock_waiters (
     bell TEXT
 );
 CREATE INDEX IF NOT EXISTS brokerlock_waiters_name ON brokerlock_waiters (name, ticket);
+CREATE TRIGGER IF NOT EXISTS brokerlock_granted_new AFTER INSERT ON brokerlock_locks
+WHEN NEW.token IS NOT NULL
+BEGIN DELETE FROM brokerlock_waiters WHERE name = NEW.name AND token = NEW.token; END;
+CREATE TRIGGER IF NOT EXISTS brokerlock_granted AFTER UPDATE OF token ON brokerlock_locks
+WHEN NEW.token IS NOT NULL
+BEGIN DELETE FROM brokerlock_waiters WHERE name = NEW.name AND token = NEW.token; END;
 """
 _COLUMNS = "name, token, fence, acquired_at, expires_at, host, pid, thread, witness"
 _FREE = "(brokerlock_locks.token IS NULL OR brokerlock_locks.expires_at <= :now)"
@@ -72,8 +78,25 @@ RETURNING fence
 """
 _ACQUIRE_NEW = _ACQUIRE.format(queue=_NO_QUEUE)
 _ACQUIRE_TURN = _ACQUIRE.format(queue="1")
+#: A woken waiter's one statement: free, and it heads the queue (the trigger then
+#: removes it from the queue in the same statement). Dead waiters ahead make it fail;
+#: the waiter then prunes them in a transaction of its own.
+_ACQUIRE_HEAD = _ACQUIRE.format(
+    queue=(
+        ":token = (SELECT w.token FROM brokerlock_waiters w "
+        "WHERE w.name = :name AND w.until > :now ORDER BY w.ticket LIMIT 1)"
+    )
+)
 _TAKE_FROM_DEAD_NEW = _TAKE_FROM_DEAD.format(queue=_NO_QUEUE)
 _TAKE_FROM_DEAD_TURN = _TAKE_FROM_DEAD.format(queue="1")
+_HEAD_OF_QUEUE = (
+    "FROM brokerlock_waiters w WHERE w.name = :name AND w.until > :now ORDER BY w.ticket LIMIT 1"
+)
+_FREE_LEASE = f"""
+UPDATE brokerlock_locks SET token = NULL, witness = NULL
+WHERE name = :name AND token = :token
+RETURNING expires_at, (SELECT w.bell {_HEAD_OF_QUEUE}), (SELECT w.witness {_HEAD_OF_QUEUE})
+"""
 _LIVE = "token IS NOT NULL AND (expires_at IS NULL OR expires_at > :now)"
 
 #: How long one statement may wait for SQLite's write lock before we report the store
@@ -267,9 +290,13 @@ class SQLiteAdapter(Adapter):
                 else:
                     conn.execute("UPDATE brokerlock_waiters SET until = ? WHERE ticket = ?", (until, ticket))
                 refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
-            # Take SQLite's write lock at once: bells wake only the waiter whose turn it
-            # is, so a look without it first would only add a round of reads.
+            # Bells wake only the waiter whose turn it is: try to take the lock at once,
+            # in one statement.
             params = self._params(request)
+            row = conn.execute(_ACQUIRE_HEAD, params).fetchone()
+            if row is not None:
+                ticket = None  # the trigger took us out of the queue
+                return self._granted(request, params, int(row[0])), None, None
             conn.execute("BEGIN IMMEDIATE")
             try:
                 head, dead = self._head(conn, name, params["now"])
@@ -312,28 +339,31 @@ class SQLiteAdapter(Adapter):
 
                 self._bells.ring(self._run(f"leave the queue of {name!r}", leave))
 
-    def _free(self, name: str, action: str, sql: str, params: Tuple[Any, ...]) -> Any:
-        """Run ``sql`` (which clears a lease, RETURNING a row), then ring the next waiter."""
+    def _free(self, name: str, token: str, action: str) -> Optional[Tuple[Any, ...]]:
+        """Clear ``token``'s lease of ``name`` and ring the bell of the next waiter.
+
+        The queue's head comes back with the update itself, so a release costs one
+        statement unless the head turns out to be dead (then the queue is pruned).
+        """
+        params = {"name": name, "token": token, "now": self._clock()}
 
         def free(conn: sqlite3.Connection) -> Tuple[Any, Optional[str]]:
-            row = conn.execute(sql, params).fetchone()
-            return row, (None if row is None else self._next_bell(conn, name, freed=True))
+            row = conn.execute(_FREE_LEASE, params).fetchone()
+            if row is None or row[1] is None:
+                return row, None
+            if self._witness.is_alive(row[2]):
+                return row, row[1]
+            return row, self._next_bell(conn, name, freed=True)
 
         row, bell = self._run(f"{action} {name!r}", free)
         self._bells.ring(bell)
-        return row
+        return row  # type: ignore[no-any-return]
 
     def release(self, name: str, token: str) -> bool:
-        # The token is cleared but expires_at kept, so RETURNING reports whether the
-        # lease had run out before the release: nobody took it yet, so clearing it hurts
-        # no one, but the caller must hear that its lease had ended.
-        row = self._free(
-            name,
-            "release",
-            "UPDATE brokerlock_locks SET token = NULL, witness = NULL "
-            "WHERE name = ? AND token = ? RETURNING expires_at",
-            (name, token),
-        )
+        # The token is cleared but expires_at kept, so the row reports whether the lease
+        # had run out before the release: nobody took it yet, so clearing it hurts no
+        # one, but the caller must hear that its lease had ended.
+        row = self._free(name, token, "release")
         return row is not None and (row[0] is None or row[0] > self._clock())
 
     def extend(self, name: str, token: str, ttl: Optional[float]) -> Optional[Lease]:
@@ -369,16 +399,7 @@ class SQLiteAdapter(Adapter):
 
     def force_release(self, name: str) -> bool:
         lease = self.get(name)
-        if lease is None:
-            return False
-        row = self._free(
-            name,
-            "break",
-            "UPDATE brokerlock_locks SET token = NULL, witness = NULL "
-            "WHERE name = ? AND token = ? RETURNING fence",
-            (name, lease.token),
-        )
-        return row is not None
+        return lease is not None and self._free(name, lease.token, "break") is not None
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
