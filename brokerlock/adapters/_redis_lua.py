@@ -19,9 +19,21 @@ local function head(queue, alive, now_ms)
     end
     return redis.call('ZRANGE', queue, 0, 0)[1]
 end
-local function wake(queue, alive, signals, ttl)
-    local first = head(queue, alive, math.floor(now_us() / 1000))
+-- The lock is free and `first` is to take it: it gets `grace` ms to do so, after which
+-- it is skipped (dead, or stopped) and loses its place. Returns the ms left.
+local function hurry(alive, first, now_ms, grace)
+    local deadline = tonumber(redis.call('ZSCORE', alive, first))
+    if deadline > now_ms + grace then
+        deadline = now_ms + grace
+        redis.call('ZADD', alive, deadline, first)
+    end
+    return deadline - now_ms
+end
+local function wake(queue, alive, signals, ttl, grace)
+    local now_ms = math.floor(now_us() / 1000)
+    local first = head(queue, alive, now_ms)
     if first then
+        hurry(alive, first, now_ms, tonumber(grace))
         local key = signals .. first
         if redis.call('LLEN', key) == 0 then redis.call('RPUSH', key, '1') end
         redis.call('PEXPIRE', key, ttl)
@@ -29,7 +41,9 @@ local function wake(queue, alive, signals, ttl)
 end
 """
 
-# KEYS: lock, fence, queue, alive. A newcomer (not queued) and a queued waiter that is
+# KEYS: lock, fence, queue, alive. Returns the lease's {fence, acquired, expires}; nil
+# if held; {ms} if free but another waiter is first, with the ms it has left to take it.
+# A newcomer (not queued) and a queued waiter that is
 # not at the head both find the lock taken while anyone waits ahead of them.
 ACQUIRE = QUEUE + """
 local held = redis.call('HGET', KEYS[1], 'token')
@@ -40,7 +54,9 @@ if held then
 end
 local now = now_us()
 local first = head(KEYS[3], KEYS[4], math.floor(now / 1000))
-if first and first ~= ARGV[1] then return false end
+if first and first ~= ARGV[1] then
+    return {tostring(hurry(KEYS[4], first, math.floor(now / 1000), tonumber(ARGV[7])))}
+end
 if first then
     redis.call('ZREM', KEYS[3], ARGV[1])
     redis.call('ZREM', KEYS[4], ARGV[1])
@@ -75,7 +91,7 @@ end
 LEAVE = QUEUE + """
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
-if redis.call('EXISTS', KEYS[1]) == 0 then wake(KEYS[2], KEYS[3], ARGV[2], ARGV[3]) end
+if redis.call('EXISTS', KEYS[1]) == 0 then wake(KEYS[2], KEYS[3], ARGV[2], ARGV[3], ARGV[4]) end
 """
 
 # KEYS: lock, queue, alive. An expired lease's key is already gone, so "token matches"
@@ -83,14 +99,14 @@ if redis.call('EXISTS', KEYS[1]) == 0 then wake(KEYS[2], KEYS[3], ARGV[2], ARGV[
 RELEASE = QUEUE + """
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
-wake(KEYS[2], KEYS[3], ARGV[2], ARGV[3])
+wake(KEYS[2], KEYS[3], ARGV[2], ARGV[3], ARGV[4])
 return 1
 """
 
 FORCE_RELEASE = QUEUE + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('DEL', KEYS[1])
-wake(KEYS[2], KEYS[3], ARGV[2], ARGV[3])
+wake(KEYS[2], KEYS[3], ARGV[2], ARGV[3], ARGV[4])
 return 1
 """
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from ..errors import BrokerLockError
@@ -54,6 +54,10 @@ SIGNAL_TTL_MS = 10_000
 #: A queued waiter that has not refreshed its place for this long is dropped from the
 #: queue (it died or stalled); live waiters refresh at least every RECHECK.
 PATIENCE_MS = 5_000
+#: A waiter whose turn has come (the lock is free, it heads the queue) must take the lock
+#: within this many ms or lose its place: a killed or stopped waiter stalls the queue
+#: this long, not PATIENCE_MS. Woken by its own BLPOP, a live waiter needs about 1 ms.
+GRACE_MS = 100
 
 def _driver() -> Any:
     try:
@@ -203,25 +207,32 @@ class RedisAdapter(Adapter):
         return [self._key("queue", name), self._key("alive", name)]
 
     def _wake_args(self, name: str) -> List[Any]:
-        return [self._key("signal", name) + ":", SIGNAL_TTL_MS]
+        return [self._key("signal", name) + ":", SIGNAL_TTL_MS, GRACE_MS]
 
     def try_acquire(self, request: Request) -> Optional[Lease]:
+        return self._try(request)[0]
+
+    def _try(self, request: Request) -> Tuple[Optional[Lease], Optional[float]]:
+        """The lease, or ``None`` and how long the waiter ahead has to take the lock."""
         name = request.name
         reply = self._run(
             f"acquire {name!r}",
             lambda: self._acquire(
                 keys=[self._key("lock", name), self._key("fence", name), *self._queue(name)],
                 args=[request.token, _ttl_ms(request.ttl), name, request.host,
-                      str(request.pid), request.thread],
+                      str(request.pid), request.thread, GRACE_MS],
             ),
         )
         if not reply:
-            return None
+            return None, None
+        if len(reply) == 1:
+            return None, int(_text(reply[0])) / 1000 + 0.001
         fence, acquired, expires = reply
-        return Lease(
+        lease = Lease(
             name, request.token, int(_text(fence)), _seconds(acquired) or 0.0,
             _seconds(expires), request.host, request.pid, request.thread,
         )
+        return lease, None
 
     def release(self, name: str, token: str) -> bool:
         released = self._run(
@@ -285,13 +296,17 @@ class RedisAdapter(Adapter):
                     f"wait for {name!r}",
                     lambda: self._enqueue(keys=self._queue(name), args=[request.token, PATIENCE_MS]),
                 )
-                lease = self.try_acquire(request)
+                lease, turn_ends = self._try(request)
                 if lease is not None:
                     return lease
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
-                self._block(name, signal, self._recheck_after(name, remaining))
+                bound = self._recheck_after(name, remaining)
+                if turn_ends is not None:
+                    # Look again when the waiter ahead of us must have taken the lock.
+                    bound = turn_ends if bound is None else min(bound, turn_ends)
+                self._block(name, signal, bound)
         except BrokerLockError:
             # The server is gone: our place lapses by itself, and trying to leave would
             # only delay the error by another timeout.
