@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,13 +10,14 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from stores import needs_flock, needs_witness
 
 from brokerlock import BrokerLock
 
 WORKER = str(Path(__file__).with_name("worker.py"))
 
 
-@pytest.fixture(params=["sqlite", "file"])
+@pytest.fixture(params=["sqlite", pytest.param("file", marks=needs_flock)])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/locks.sqlite3"
@@ -61,17 +61,19 @@ def test_four_processes_increment_exactly(url: str, tmp_path: Path) -> None:
         assert item.fence == 1001
 
 
+@needs_witness
 def test_killed_holder_frees_lock_at_once(url: str, holder: subprocess.Popen[bytes]) -> None:
     item = BrokerLock.from_url(url).item("job", ttl="60s", timeout="10s")
     assert item.try_acquire() is None
     started = time.monotonic()
-    holder.send_signal(signal.SIGKILL)
+    holder.kill()
     item.acquire()  # ttl is 60 s: only the death of the holder can free it
     assert time.monotonic() - started < 1.0
     assert item.fence == 2
     item.release()
 
 
+@needs_witness
 def test_waiter_is_woken_by_holder_death(url: str, holder: subprocess.Popen[bytes]) -> None:
     """A waiter already parked when the holder dies is woken, not left to its safety net."""
     import threading
@@ -91,7 +93,7 @@ def test_waiter_is_woken_by_holder_death(url: str, holder: subprocess.Popen[byte
     # then finds the holder dead on its first look.
     time.sleep(0.2)
     killed = time.monotonic()
-    holder.send_signal(signal.SIGKILL)
+    holder.kill()
     thread.join(20)
     assert waited, "the waiter never got the lock"
     # Well under the 1 s safety-net recheck: the death itself woke the waiter.

@@ -21,7 +21,7 @@ from ..errors import BrokerLockError
 
 def _hostname() -> str:
     # os.uname() instead of the socket module: importing socket costs a cron job ~2 ms.
-    if hasattr(os, "uname"):
+    if sys.platform != "win32":
         return os.uname().nodename
     return os.environ.get("COMPUTERNAME", "") or sys.platform
 

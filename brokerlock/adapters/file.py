@@ -15,7 +15,6 @@ PostgreSQL for locks shared between hosts.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -26,11 +25,17 @@ from .._bells import Bells
 from .._platform import HAVE_FCNTL
 from .._witness import witness_for
 from ..errors import BrokerLockError
-from ._files import ensure_private_dir, open_private
+from ._files import (
+    NO_FLOCK,
+    O_CLOEXEC,
+    O_NOFOLLOW,
+    ensure_private_dir,
+    lock_file,
+    open_private,
+    read_at,
+    write_at,
+)
 from .base import Adapter, Lease, Request
-
-if HAVE_FCNTL:
-    import fcntl
 
 log = logging.getLogger("brokerlock")
 
@@ -60,12 +65,7 @@ class FileAdapter(Adapter):
         self, directory: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
     ) -> None:
         if not HAVE_FCNTL:
-            import sys
-
-            raise BrokerLockError(
-                f"FileAdapter needs flock(), which {sys.platform} does not have; "
-                "use SQLiteAdapter on this platform"
-            )
+            raise BrokerLockError(NO_FLOCK)
         directory = os.fspath(directory)
         if not isinstance(directory, str) or not directory:
             raise ValueError(f"FileAdapter needs a directory path, not {directory!r}")
@@ -102,7 +102,7 @@ class FileAdapter(Adapter):
                 data = _ENCODE(new).encode("utf-8")
                 # Pad over a longer old record instead of truncating: one write, not two;
                 # readers decode the first JSON value and ignore the blanks after it.
-                os.pwrite(fd, data.ljust(size), 0)
+                write_at(fd, data.ljust(size), 0)
             return result
         except OSError as exc:
             raise BrokerLockError(f"{self.url}: could not {action} {name!r}: {exc}") from None
@@ -111,9 +111,9 @@ class FileAdapter(Adapter):
 
     def _read(self, fd: int, path: str, name: Optional[str]) -> Tuple[Optional[Record], int]:
         """The record in ``fd`` and the file's length."""
-        raw = os.pread(fd, _READ_SIZE, 0)
+        raw = read_at(fd, _READ_SIZE, 0)
         while len(raw) % _READ_SIZE == 0 and raw:  # a record longer than one read
-            more = os.pread(fd, _READ_SIZE, len(raw))
+            more = read_at(fd, _READ_SIZE, len(raw))
             if not more:
                 break
             raw += more
@@ -324,11 +324,11 @@ class FileAdapter(Adapter):
         for entry in entries:
             path = os.path.join(self.directory, entry)
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
             except OSError:
                 continue  # removed or replaced under us: not a lock of ours
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH)
+                lock_file(fd, shared=True)
                 record, _size = self._read(fd, path, None)
             finally:
                 os.close(fd)
@@ -347,12 +347,8 @@ def _flock(fd: int, path: str) -> None:
     delay = 0.0
     give_up = time.monotonic() + MUTEX_PATIENCE
     while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if lock_file(fd, blocking=False):
             return
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
         if time.monotonic() > give_up:
             raise BrokerLockError(
                 f"lock file {path} has been busy for {MUTEX_PATIENCE:.0f}s: "
