@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterator, List, Tuple
 import pytest
 from actor import Actor
 
-from brokerlock import BrokerLock, BrokerLockError, LockLost, SQLiteAdapter
+from brokerlock import BrokerLock, BrokerLockError, LockLost, LockTimeout, SQLiteAdapter
 from brokerlock.adapters.file import file_name
 
 #: No call may take longer than this (seconds) after a fault, whatever its timeout.
@@ -411,3 +412,194 @@ def test_server_killed_and_back_within_a_wait(server_url: Tuple[Any, str]) -> No
     again = BrokerLock.from_url(url).item("job", ttl="30s", timeout="35s")
     assert bounded(again.acquire, 40)[0] == "ok"
     again.release()
+
+
+# -- wall-clock jumps ------------------------------------------------------------------
+
+
+class JumpyClock:
+    """The host's wall clock plus an offset that a test moves, as an NTP step or an
+    operator's ``date -s`` would."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@pytest.fixture(params=["memory", "sqlite", "file"])
+def clocked(request: pytest.FixtureRequest, tmp_path: Path) -> Tuple[JumpyClock, Callable[[], BrokerLock]]:
+    """A clock and a factory of clients of one store that all read it (one host)."""
+    from brokerlock import FileAdapter, MemoryAdapter
+
+    clock = JumpyClock()
+    if request.param == "memory":
+        shared = MemoryAdapter(clock=clock)
+        return clock, lambda: BrokerLock(shared)
+    if request.param == "sqlite":
+        return clock, lambda: BrokerLock(SQLiteAdapter(tmp_path / "locks.sqlite3", clock=clock))
+    return clock, lambda: BrokerLock(FileAdapter(tmp_path / "locks", clock=clock))
+
+
+def test_clock_jump_forward_moves_expiry_by_the_jump(clocked: Tuple[JumpyClock, Any]) -> None:
+    """README "Clocks": a jump moves every lease's expiry by its size, no more."""
+    clock, client = clocked
+    holder = client().item("job", ttl="10s", timeout=0)
+    holder.acquire()
+    other = client().item("job", ttl="10s", timeout=0)
+    clock.offset = 8.0  # 8 s of a 10 s lease gone at once: still held
+    assert other.try_acquire() is None
+    holder.extend()  # a live holder renews from the new now
+    clock.offset = 16.0
+    assert other.try_acquire() is None, "the extension counts from the jumped clock"
+    clock.offset = 19.0  # past the renewed lease: free, and the holder is told
+    assert other.try_acquire() is other
+    with pytest.raises(LockLost):
+        holder.release()
+    other.release()
+
+
+def test_clock_jump_backward_extends_by_the_jump_only(clocked: Tuple[JumpyClock, Any]) -> None:
+    clock, client = clocked
+    holder = client().item("job", ttl="10s", timeout=0)
+    holder.acquire()
+    other = client().item("job", ttl="10s", timeout=0)
+    clock.offset = -3600.0  # an hour back: the lease now has 3610 s to run
+    assert other.try_acquire() is None
+    clock.offset = -3600.0 + 3609.0  # an hour and 9 s later: still held
+    assert other.try_acquire() is None
+    clock.offset = -3600.0 + 3611.0  # the jump's size and the ttl, not a second more
+    assert other.try_acquire() is other
+    with pytest.raises(LockLost):
+        holder.extend()
+    other.release()
+
+
+def test_waiter_timeout_ignores_the_wall_clock(clocked: Tuple[JumpyClock, Any]) -> None:
+    """Waits are measured on the monotonic clock: a jump back neither times a waiter
+    out early nor makes it wait past its timeout."""
+    clock, client = clocked
+    holder = client().item("job", ttl="1s", timeout=0)
+    holder.acquire()
+    clock.offset = -3600.0
+    waiter = client().item("job", ttl="10s", timeout="1.5s")
+    started = time.monotonic()
+    with pytest.raises(LockTimeout):
+        waiter.acquire()
+    assert 1.4 < time.monotonic() - started < PROMPT
+
+
+SQLITE_QUEUE_PLACE = (
+    "bug: SQLiteAdapter.acquire loses a waiter's queue place for good once its entry's "
+    "`until` (wall clock + QUEUE_ENTRY_LIFE) passes while it is still waiting (paused by "
+    "SIGSTOP or swapping longer than QUEUE_ENTRY_LIFE, or the wall clock stepped forward): "
+    "another client prunes the entry, the waiter's refresh UPDATE then matches no row and "
+    "is not noticed, so _turn never finds it at the head; it waits out its whole timeout "
+    "(forever with timeout=None) while the lock is free. Fix: re-insert the entry when the "
+    "refresh updates no row."
+)
+MEMORY_STALE_SLEEP = (
+    "bug: MemoryAdapter.acquire sleeps until the holder's expiry as computed from the wall "
+    "clock when it parked, with no re-check cap: after a backward jump that is corrected "
+    "(NTP), the parked waiter, and every newcomer queued behind it (FIFO), sleeps for up to "
+    "the size of the jump although the lease has ended. Fix: cap the wait (the embedded "
+    "adapters re-check every second)."
+)
+
+
+@pytest.mark.parametrize(
+    "clocked",
+    [
+        pytest.param("memory", marks=pytest.mark.xfail(strict=True, reason=MEMORY_STALE_SLEEP)),
+        pytest.param("sqlite", marks=pytest.mark.xfail(strict=True, reason=SQLITE_QUEUE_PLACE)),
+        "file",
+    ],
+    indirect=True,
+)
+def test_parked_waiter_follows_a_clock_correction(clocked: Tuple[JumpyClock, Any]) -> None:
+    """The clock jumps an hour back, a waiter parks, the clock is corrected: the 1 s
+    lease is then over by any reading, and the waiter must get the lock promptly."""
+    clock, client = clocked
+    holder = client().item("job", ttl="1s", timeout=0)
+    holder.acquire()
+    clock.offset = -3600.0
+    waiter = client().item("job", ttl="10s", timeout="8s")
+    result: List[Tuple[str, Any]] = []
+    thread = threading.Thread(target=lambda: result.append(bounded(waiter.acquire, 15)), daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.4)
+        assert not result, "the jump back lengthened the lease by its size: still held"
+        clock.offset = 0.0
+        thread.join(PROMPT)
+        assert result and result[0][0] == "ok", f"no lock {PROMPT}s after the correction: {result}"
+    finally:
+        client().item("job", timeout=0).try_acquire()  # wakes a sleeping memory waiter
+        thread.join(15)
+
+
+@pytest.mark.parametrize(
+    "store", [pytest.param("sqlite", marks=pytest.mark.xfail(strict=True, reason=SQLITE_QUEUE_PLACE)), "file"]
+)
+def test_waiter_paused_past_its_queue_entry_still_gets_the_lock(store: str, tmp_path: Path) -> None:
+    """A waiter SIGSTOPped longer than its queue entry lives, while others prune it and
+    the holder releases: once resumed it must still get the free lock, promptly."""
+    url = f"sqlite:///{tmp_path}/locks.sqlite3" if store == "sqlite" else f"file://{tmp_path}/locks"
+    life = 1.0
+    code = f"""
+import sys, time
+import brokerlock.adapters.{store} as adapter
+from brokerlock import BrokerLock
+# A short queue-entry life, so the test pauses for 2 s rather than QUEUE_ENTRY_LIFE.
+adapter.QUEUE_ENTRY_LIFE = min(getattr(adapter, "QUEUE_ENTRY_LIFE", {life}), {life})
+item = BrokerLock.from_url({url!r}).item("job", ttl="10s", timeout="8s")
+print("parking", flush=True)
+try:
+    item.acquire()
+    print("ok", flush=True)
+except Exception as exc:
+    print(type(exc).__name__, flush=True)
+"""
+    with Actor(url) as holder, Actor(url) as other:
+        assert holder.do("acquire job 60s 1s")[0] == "ok"
+        waiter = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        try:
+            assert waiter.stdout is not None and waiter.stdout.readline() == "parking\n"
+            time.sleep(0.5)
+            waiter.send_signal(signal.SIGSTOP)
+            time.sleep(life + 1.0)
+            assert other.do("try job 60s") == ("ok", "None")  # held; prunes stale waiters
+            assert holder.do("release job") == ("ok", "None")
+            waiter.send_signal(signal.SIGCONT)
+            resumed = time.monotonic()
+            line = waiter.stdout.readline().strip()
+            assert line == "ok", f"the resumed waiter ended with {line!r}"
+            assert time.monotonic() - resumed < PROMPT
+        finally:
+            waiter.kill()
+            waiter.wait()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "file"])
+def test_dead_holder_is_freed_at_once_whatever_the_clock(store: str, tmp_path: Path) -> None:
+    """A holder killed while the contender's wall clock is an hour behind: its lease
+    seems to have an hour left, but the dead holder frees it at once."""
+    from brokerlock import FileAdapter
+
+    clock = JumpyClock()
+    clock.offset = -3600.0
+    if store == "sqlite":
+        url = f"sqlite:///{tmp_path}/locks.sqlite3"
+        mine = SQLiteAdapter(tmp_path / "locks.sqlite3", clock=clock)
+    else:
+        url = f"file://{tmp_path}/locks"
+        mine = FileAdapter(tmp_path / "locks", clock=clock)
+    item = BrokerLock(mine).item("job", ttl="60s", timeout="5s")
+    with Actor(url) as holder:
+        status, message = holder.do("acquire job 60s 1s")
+        assert status == "ok", message
+        assert item.try_acquire() is None
+    # The actor is killed on leaving the block.
+    assert bounded(item.acquire)[0] == "ok"
+    item.release()
