@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -24,7 +25,8 @@ from ..errors import BrokerLockError
 from ._files import ensure_private_dir, open_private
 from .base import Adapter, Lease, Request
 
-_SCHEMA = """
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS brokerlock_locks (
     name TEXT PRIMARY KEY,
     token TEXT,
@@ -35,7 +37,9 @@ CREATE TABLE IF NOT EXISTS brokerlock_locks (
     pid INTEGER,
     thread TEXT,
     witness TEXT
-);
+)
+""",
+    """
 CREATE TABLE IF NOT EXISTS brokerlock_waiters (
     ticket INTEGER PRIMARY KEY AUTOINCREMENT,
     name TEXT NOT NULL,
@@ -43,15 +47,22 @@ CREATE TABLE IF NOT EXISTS brokerlock_waiters (
     witness TEXT,
     until REAL NOT NULL,
     bell TEXT
-);
-CREATE INDEX IF NOT EXISTS brokerlock_waiters_name ON brokerlock_waiters (name, ticket);
+)
+""",
+    """
+CREATE INDEX IF NOT EXISTS brokerlock_waiters_name ON brokerlock_waiters (name, ticket)
+""",
+    """
 CREATE TRIGGER IF NOT EXISTS brokerlock_granted_new AFTER INSERT ON brokerlock_locks
 WHEN NEW.token IS NOT NULL
-BEGIN DELETE FROM brokerlock_waiters WHERE name = NEW.name AND token = NEW.token; END;
+BEGIN DELETE FROM brokerlock_waiters WHERE name = NEW.name AND token = NEW.token; END
+""",
+    """
 CREATE TRIGGER IF NOT EXISTS brokerlock_granted AFTER UPDATE OF token ON brokerlock_locks
 WHEN NEW.token IS NOT NULL
-BEGIN DELETE FROM brokerlock_waiters WHERE name = NEW.name AND token = NEW.token; END;
-"""
+BEGIN DELETE FROM brokerlock_waiters WHERE name = NEW.name AND token = NEW.token; END
+""",
+)
 _COLUMNS = "name, token, fence, acquired_at, expires_at, host, pid, thread, witness"
 _FREE = "(brokerlock_locks.token IS NULL OR brokerlock_locks.expires_at <= :now)"
 #: A newcomer never overtakes a waiter: the queue must be empty for it.
@@ -99,12 +110,53 @@ RETURNING expires_at, (SELECT w.bell {_HEAD_OF_QUEUE}), (SELECT w.witness {_HEAD
 """
 _LIVE = "token IS NOT NULL AND (expires_at IS NULL OR expires_at > :now)"
 
+_SCHEMA_NAMES = (
+    "brokerlock_locks",
+    "brokerlock_waiters",
+    "brokerlock_waiters_name",
+    "brokerlock_granted_new",
+    "brokerlock_granted",
+)
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    message = str(exc).lower()
+    return "locked" in message or "busy" in message
+
+
 #: How long one statement may wait for SQLite's write lock before we report the store
 #: as stuck; contention is microseconds, so this only trips on a wedged writer.
 BUSY_TIMEOUT = 30.0
 #: How long a waiter's place in the queue lasts unless renewed, which the waiter does
 #: while it waits; bounds the stall a waiter that vanished without a trace can cause.
 QUEUE_ENTRY_LIFE = 6.0
+
+
+def _prepare_database_file(path: str) -> None:
+    """Refuse a symlink at ``path``; create a missing database file 0600.
+
+    An existing database is never opened here: SQLite keeps POSIX locks on it, and
+    closing *any* descriptor of the file would silently drop every lock this process
+    holds on it, including those of another adapter's open connection (then SQLite
+    reports "disk I/O error", or worse, two writers meet).
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        try:
+            os.close(open_private(path, os.O_RDWR | os.O_EXCL))
+        except BrokerLockError:
+            if not os.path.isfile(path) or os.path.islink(path):
+                raise  # not the benign race of two adapters creating it at once
+        return
+    except OSError as exc:
+        raise BrokerLockError(f"cannot use database {path}: {exc.strerror}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise BrokerLockError(
+            f"refusing to open {path}: it is a symbolic link, which a lock database never is"
+        )
+    if not stat.S_ISREG(info.st_mode):
+        raise BrokerLockError(f"cannot use database {path}: it is not a regular file")
 
 
 class SQLiteAdapter(Adapter):
@@ -123,8 +175,7 @@ class SQLiteAdapter(Adapter):
         self.url = "sqlite:///" + self.path
         self._clock = clock
         self._local = threading.local()
-        # Created 0600 and never through a symlink, before sqlite3 gets to open it.
-        os.close(open_private(self.path, os.O_RDWR))
+        _prepare_database_file(self.path)
         self._witness: Witness = witness_for(self.path + "-witness")
         self._bells = Bells(self.path + "-bells", self._witness.path)
         self._run("open the database", self._setup)
@@ -142,10 +193,40 @@ class SQLiteAdapter(Adapter):
         return conn
 
     def _setup(self, conn: sqlite3.Connection) -> None:
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise sqlite3.OperationalError(f"cannot switch to WAL (journal mode is {mode})")
-        conn.executescript(_SCHEMA)
+        """WAL and the schema, idempotent and safe when many processes start at once.
+
+        Changing the journal mode and creating tables can meet a lock that SQLite's busy
+        handler does not wait for (another process converting the file at that moment),
+        so those steps are retried here; each is skipped when already done, so a busy
+        store is opened with reads only.
+        """
+        give_up = time.monotonic() + BUSY_TIMEOUT
+        delay = 0.001
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                    if str(mode).lower() != "wal":
+                        raise sqlite3.OperationalError(f"cannot switch to WAL (journal mode is {mode})")
+                present = conn.execute(
+                    "SELECT count(*) FROM sqlite_master WHERE name IN (?, ?, ?, ?, ?)", _SCHEMA_NAMES
+                ).fetchone()[0]
+                if present != len(_SCHEMA_NAMES):
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        for statement in _SCHEMA:
+                            conn.execute(statement)
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        conn.execute("ROLLBACK")
+                        raise
+                return
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or time.monotonic() > give_up:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
 
     def _run(self, action: str, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         try:
