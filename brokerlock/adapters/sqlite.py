@@ -22,101 +22,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .._bells import Bells
 from .._witness import Witness, witness_for
 from ..errors import BrokerLockError
+from . import _sqlite_sql as sql
 from ._files import ensure_private_dir, open_private
 from .base import Adapter, Lease, Request
-
-_SCHEMA = (
-    """
-CREATE TABLE IF NOT EXISTS brokerlock_locks (
-    name TEXT PRIMARY KEY,
-    token TEXT,
-    fence INTEGER NOT NULL,
-    acquired_at REAL,
-    expires_at REAL,
-    host TEXT,
-    pid INTEGER,
-    thread TEXT,
-    witness TEXT
-)
-""",
-    """
-CREATE TABLE IF NOT EXISTS brokerlock_waiters (
-    ticket INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL,
-    token TEXT NOT NULL,
-    witness TEXT,
-    until REAL NOT NULL,
-    bell TEXT
-)
-""",
-    """
-CREATE INDEX IF NOT EXISTS brokerlock_waiters_name ON brokerlock_waiters (name, ticket)
-""",
-    """
-CREATE TRIGGER IF NOT EXISTS brokerlock_granted_new AFTER INSERT ON brokerlock_locks
-WHEN NEW.token IS NOT NULL
-BEGIN DELETE FROM brokerlock_waiters WHERE name = NEW.name AND token = NEW.token; END
-""",
-    """
-CREATE TRIGGER IF NOT EXISTS brokerlock_granted AFTER UPDATE OF token ON brokerlock_locks
-WHEN NEW.token IS NOT NULL
-BEGIN DELETE FROM brokerlock_waiters WHERE name = NEW.name AND token = NEW.token; END
-""",
-)
-_COLUMNS = "name, token, fence, acquired_at, expires_at, host, pid, thread, witness"
-_FREE = "(brokerlock_locks.token IS NULL OR brokerlock_locks.expires_at <= :now)"
-#: A newcomer never overtakes a waiter: the queue must be empty for it.
-_NO_QUEUE = (
-    "NOT EXISTS (SELECT 1 FROM brokerlock_waiters w WHERE w.name = :name AND w.until > :now)"
-)
-_ACQUIRE = f"""
-INSERT INTO brokerlock_locks ({_COLUMNS})
-VALUES (:name, :token, 1, :now, :expires, :host, :pid, :thread, :witness)
-ON CONFLICT(name) DO UPDATE SET
-    token = excluded.token, fence = brokerlock_locks.fence + 1,
-    acquired_at = excluded.acquired_at, expires_at = excluded.expires_at,
-    host = excluded.host, pid = excluded.pid, thread = excluded.thread,
-    witness = excluded.witness
-WHERE {_FREE} AND {{queue}}
-RETURNING fence
-"""
-_TAKE_FROM_DEAD = """
-UPDATE brokerlock_locks SET
-    token = :token, fence = fence + 1, acquired_at = :now, expires_at = :expires,
-    host = :host, pid = :pid, thread = :thread, witness = :witness
-WHERE name = :name AND token = :dead AND {queue}
-RETURNING fence
-"""
-_ACQUIRE_NEW = _ACQUIRE.format(queue=_NO_QUEUE)
-_ACQUIRE_TURN = _ACQUIRE.format(queue="1")
-#: A woken waiter's one statement: free, and it heads the queue (the trigger then
-#: removes it from the queue in the same statement). Dead waiters ahead make it fail;
-#: the waiter then prunes them in a transaction of its own.
-_ACQUIRE_HEAD = _ACQUIRE.format(
-    queue=(
-        ":token = (SELECT w.token FROM brokerlock_waiters w "
-        "WHERE w.name = :name AND w.until > :now ORDER BY w.ticket LIMIT 1)"
-    )
-)
-_TAKE_FROM_DEAD_NEW = _TAKE_FROM_DEAD.format(queue=_NO_QUEUE)
-_TAKE_FROM_DEAD_TURN = _TAKE_FROM_DEAD.format(queue="1")
-_HEAD_OF_QUEUE = (
-    "FROM brokerlock_waiters w WHERE w.name = :name AND w.until > :now ORDER BY w.ticket LIMIT 1"
-)
-_FREE_LEASE = f"""
-UPDATE brokerlock_locks SET token = NULL, witness = NULL
-WHERE name = :name AND token = :token
-RETURNING expires_at, (SELECT w.bell {_HEAD_OF_QUEUE}), (SELECT w.witness {_HEAD_OF_QUEUE})
-"""
-_LIVE = "token IS NOT NULL AND (expires_at IS NULL OR expires_at > :now)"
-
-_SCHEMA_NAMES = (
-    "brokerlock_locks",
-    "brokerlock_waiters",
-    "brokerlock_waiters_name",
-    "brokerlock_granted_new",
-    "brokerlock_granted",
-)
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
@@ -210,12 +118,12 @@ class SQLiteAdapter(Adapter):
                     if str(mode).lower() != "wal":
                         raise sqlite3.OperationalError(f"cannot switch to WAL (journal mode is {mode})")
                 present = conn.execute(
-                    "SELECT count(*) FROM sqlite_master WHERE name IN (?, ?, ?, ?, ?)", _SCHEMA_NAMES
+                    "SELECT count(*) FROM sqlite_master WHERE name IN (?, ?, ?, ?, ?)", sql.SCHEMA_NAMES
                 ).fetchone()[0]
-                if present != len(_SCHEMA_NAMES):
+                if present != len(sql.SCHEMA_NAMES):
                     conn.execute("BEGIN IMMEDIATE")
                     try:
-                        for statement in _SCHEMA:
+                        for statement in sql.SCHEMA:
                             conn.execute(statement)
                         conn.execute("COMMIT")
                     except BaseException:
@@ -260,7 +168,7 @@ class SQLiteAdapter(Adapter):
     def _take(self, conn: sqlite3.Connection, params: Dict[str, Any], newcomer: bool) -> Optional[int]:
         """Take the lock if it is free or its holder dead; a newcomer only when no one
         is queued (a waiter has checked its turn itself)."""
-        row = conn.execute(_ACQUIRE_NEW if newcomer else _ACQUIRE_TURN, params).fetchone()
+        row = conn.execute(sql.ACQUIRE_NEW if newcomer else sql.ACQUIRE_TURN, params).fetchone()
         if row is not None:
             return int(row[0])
         holder = conn.execute(
@@ -268,7 +176,7 @@ class SQLiteAdapter(Adapter):
         ).fetchone()
         if holder is None or holder[0] is None or self._witness.is_alive(holder[1]):
             return None
-        take = _TAKE_FROM_DEAD_NEW if newcomer else _TAKE_FROM_DEAD_TURN
+        take = sql.TAKE_FROM_DEAD_NEW if newcomer else sql.TAKE_FROM_DEAD_TURN
         row = conn.execute(take, {**params, "dead": holder[0]}).fetchone()
         return None if row is None else int(row[0])
 
@@ -374,7 +282,7 @@ class SQLiteAdapter(Adapter):
             # Bells wake only the waiter whose turn it is: try to take the lock at once,
             # in one statement.
             params = self._params(request)
-            row = conn.execute(_ACQUIRE_HEAD, params).fetchone()
+            row = conn.execute(sql.ACQUIRE_HEAD, params).fetchone()
             if row is not None:
                 ticket = None  # the trigger took us out of the queue
                 return self._granted(request, params, int(row[0])), None, None
@@ -429,7 +337,7 @@ class SQLiteAdapter(Adapter):
         params = {"name": name, "token": token, "now": self._clock()}
 
         def free(conn: sqlite3.Connection) -> Tuple[Any, Optional[str]]:
-            row = conn.execute(_FREE_LEASE, params).fetchone()
+            row = conn.execute(sql.FREE_LEASE, params).fetchone()
             if row is None or row[1] is None:
                 return row, None
             if self._witness.is_alive(row[2]):
@@ -454,7 +362,7 @@ class SQLiteAdapter(Adapter):
             f"extend {name!r}",
             lambda conn: conn.execute(
                 f"UPDATE brokerlock_locks SET expires_at = :expires "
-                f"WHERE name = :name AND token = :token AND {_LIVE} RETURNING {_COLUMNS}",
+                f"WHERE name = :name AND token = :token AND {sql.LIVE} RETURNING {sql.COLUMNS}",
                 {"expires": expires, "name": name, "token": token, "now": now},
             ).fetchone(),
         )
@@ -465,7 +373,7 @@ class SQLiteAdapter(Adapter):
         rows = self._run(
             "read the locks",
             lambda conn: conn.execute(
-                f"SELECT {_COLUMNS} FROM brokerlock_locks WHERE {_LIVE} {where} ORDER BY name",
+                f"SELECT {sql.COLUMNS} FROM brokerlock_locks WHERE {sql.LIVE} {where} ORDER BY name",
                 params,
             ).fetchall(),
         )

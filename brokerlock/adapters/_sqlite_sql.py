@@ -1,0 +1,99 @@
+"""The SQL of the SQLite store, kept apart from the code that runs it.
+
+Two tables: ``brokerlock_locks`` holds one lease row per name, never deleted (release
+clears the token), so fences grow forever; ``brokerlock_waiters`` is the FIFO queue.
+Triggers take a waiter out of the queue in the same statement that grants it the lock.
+"""
+
+SCHEMA = (
+    """
+CREATE TABLE IF NOT EXISTS brokerlock_locks (
+    name TEXT PRIMARY KEY,
+    token TEXT,
+    fence INTEGER NOT NULL,
+    acquired_at REAL,
+    expires_at REAL,
+    host TEXT,
+    pid INTEGER,
+    thread TEXT,
+    witness TEXT
+)
+""",
+    """
+CREATE TABLE IF NOT EXISTS brokerlock_waiters (
+    ticket INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    token TEXT NOT NULL,
+    witness TEXT,
+    until REAL NOT NULL,
+    bell TEXT
+)
+""",
+    """
+CREATE INDEX IF NOT EXISTS brokerlock_waiters_name ON brokerlock_waiters (name, ticket)
+""",
+    """
+CREATE TRIGGER IF NOT EXISTS brokerlock_granted_new AFTER INSERT ON brokerlock_locks
+WHEN NEW.token IS NOT NULL
+BEGIN DELETE FROM brokerlock_waiters WHERE name = NEW.name AND token = NEW.token; END
+""",
+    """
+CREATE TRIGGER IF NOT EXISTS brokerlock_granted AFTER UPDATE OF token ON brokerlock_locks
+WHEN NEW.token IS NOT NULL
+BEGIN DELETE FROM brokerlock_waiters WHERE name = NEW.name AND token = NEW.token; END
+""",
+)
+COLUMNS = "name, token, fence, acquired_at, expires_at, host, pid, thread, witness"
+FREE = "(brokerlock_locks.token IS NULL OR brokerlock_locks.expires_at <= :now)"
+#: A newcomer never overtakes a waiter: the queue must be empty for it.
+NO_QUEUE = (
+    "NOT EXISTS (SELECT 1 FROM brokerlock_waiters w WHERE w.name = :name AND w.until > :now)"
+)
+ACQUIRE = f"""
+INSERT INTO brokerlock_locks ({COLUMNS})
+VALUES (:name, :token, 1, :now, :expires, :host, :pid, :thread, :witness)
+ON CONFLICT(name) DO UPDATE SET
+    token = excluded.token, fence = brokerlock_locks.fence + 1,
+    acquired_at = excluded.acquired_at, expires_at = excluded.expires_at,
+    host = excluded.host, pid = excluded.pid, thread = excluded.thread,
+    witness = excluded.witness
+WHERE {FREE} AND {{queue}}
+RETURNING fence
+"""
+TAKE_FROM_DEAD = """
+UPDATE brokerlock_locks SET
+    token = :token, fence = fence + 1, acquired_at = :now, expires_at = :expires,
+    host = :host, pid = :pid, thread = :thread, witness = :witness
+WHERE name = :name AND token = :dead AND {queue}
+RETURNING fence
+"""
+ACQUIRE_NEW = ACQUIRE.format(queue=NO_QUEUE)
+ACQUIRE_TURN = ACQUIRE.format(queue="1")
+#: A woken waiter's one statement: free, and it heads the queue (the trigger then
+#: removes it from the queue in the same statement). Dead waiters ahead make it fail;
+#: the waiter then prunes them in a transaction of its own.
+ACQUIRE_HEAD = ACQUIRE.format(
+    queue=(
+        ":token = (SELECT w.token FROM brokerlock_waiters w "
+        "WHERE w.name = :name AND w.until > :now ORDER BY w.ticket LIMIT 1)"
+    )
+)
+TAKE_FROM_DEAD_NEW = TAKE_FROM_DEAD.format(queue=NO_QUEUE)
+TAKE_FROM_DEAD_TURN = TAKE_FROM_DEAD.format(queue="1")
+HEAD_OF_QUEUE = (
+    "FROM brokerlock_waiters w WHERE w.name = :name AND w.until > :now ORDER BY w.ticket LIMIT 1"
+)
+FREE_LEASE = f"""
+UPDATE brokerlock_locks SET token = NULL, witness = NULL
+WHERE name = :name AND token = :token
+RETURNING expires_at, (SELECT w.bell {HEAD_OF_QUEUE}), (SELECT w.witness {HEAD_OF_QUEUE})
+"""
+LIVE = "token IS NOT NULL AND (expires_at IS NULL OR expires_at > :now)"
+
+SCHEMA_NAMES = (
+    "brokerlock_locks",
+    "brokerlock_waiters",
+    "brokerlock_waiters_name",
+    "brokerlock_granted_new",
+    "brokerlock_granted",
+)
