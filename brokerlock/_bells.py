@@ -127,6 +127,12 @@ class Bells:
         if own is not None and own.pid == os.getpid() and os.path.exists(own.path):
             return own.name  # (a pruner may have taken a stalled waiter's bell for dead)
         if self._swept_by != os.getpid():
+            if os.path.islink(self.directory):
+                # Ours to create, never a link: someone wants our bells elsewhere.
+                raise BrokerLockError(
+                    f"refusing to use {self.directory}: it is a symbolic link, which the "
+                    "directory of a store's bells never is"
+                )
             ensure_private_dir(self.directory)
             self._sweep()
         name = f"{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}"

@@ -116,17 +116,8 @@ def _not_two_holders(first: Any, second_got: bool) -> None:
 
 # -- SQLite ---------------------------------------------------------------------------
 
-SQLITE_GHOST = (
-    "bug: SQLiteAdapter keeps using a database file that was deleted or replaced under it "
-    "(its per-thread connection holds the old inode), so a new client acquires in the new "
-    "file while the old holder goes on extending and releasing in the ghost: two holders, "
-    "and fences restart at 1. Fix: remember the file's (st_dev, st_ino) when connecting and "
-    "reconnect (re-creating it 0600) when the path no longer names that file; the old holder "
-    "then gets LockLost."
-)
 
 
-@pytest.mark.xfail(strict=True, reason=SQLITE_GHOST)
 @pytest.mark.parametrize("fault", ["deleted", "replaced"])
 def test_sqlite_database_deleted_or_replaced_while_held(fault: str, tmp_path: Path) -> None:
     path = tmp_path / "locks.sqlite3"
@@ -137,6 +128,10 @@ def test_sqlite_database_deleted_or_replaced_while_held(fault: str, tmp_path: Pa
             leftover.unlink()
     else:
         SQLiteAdapter(tmp_path / "other.sqlite3").close()
+        # A database is replaced together with its WAL: SQLite would replay the old WAL
+        # into the new file (the old lease would come back), whatever we do.
+        for leftover in (tmp_path / "locks.sqlite3-wal", tmp_path / "locks.sqlite3-shm"):
+            leftover.unlink()
         os.replace(tmp_path / "other.sqlite3", path)
     second = BrokerLock.from_url(url).item("job", ttl="30s", timeout="1s")
     outcome, _ = bounded(second.try_acquire)
@@ -490,29 +485,13 @@ def test_waiter_timeout_ignores_the_wall_clock(clocked: Tuple[JumpyClock, Any]) 
     assert 1.4 < time.monotonic() - started < PROMPT
 
 
-SQLITE_QUEUE_PLACE = (
-    "bug: SQLiteAdapter.acquire loses a waiter's queue place for good once its entry's "
-    "`until` (wall clock + QUEUE_ENTRY_LIFE) passes while it is still waiting (paused by "
-    "SIGSTOP or swapping longer than QUEUE_ENTRY_LIFE, or the wall clock stepped forward): "
-    "another client prunes the entry, the waiter's refresh UPDATE then matches no row and "
-    "is not noticed, so _turn never finds it at the head; it waits out its whole timeout "
-    "(forever with timeout=None) while the lock is free. Fix: re-insert the entry when the "
-    "refresh updates no row."
-)
-MEMORY_STALE_SLEEP = (
-    "bug: MemoryAdapter.acquire sleeps until the holder's expiry as computed from the wall "
-    "clock when it parked, with no re-check cap: after a backward jump that is corrected "
-    "(NTP), the parked waiter, and every newcomer queued behind it (FIFO), sleeps for up to "
-    "the size of the jump although the lease has ended. Fix: cap the wait (the embedded "
-    "adapters re-check every second)."
-)
 
 
 @pytest.mark.parametrize(
     "clocked",
     [
-        pytest.param("memory", marks=pytest.mark.xfail(strict=True, reason=MEMORY_STALE_SLEEP)),
-        pytest.param("sqlite", marks=pytest.mark.xfail(strict=True, reason=SQLITE_QUEUE_PLACE)),
+        "memory",
+        "sqlite",
         "file",
     ],
     indirect=True,
@@ -540,7 +519,7 @@ def test_parked_waiter_follows_a_clock_correction(clocked: Tuple[JumpyClock, Any
 
 
 @pytest.mark.parametrize(
-    "store", [pytest.param("sqlite", marks=pytest.mark.xfail(strict=True, reason=SQLITE_QUEUE_PLACE)), "file"]
+    "store", ["sqlite", "file"]
 )
 def test_waiter_paused_past_its_queue_entry_still_gets_the_lock(store: str, tmp_path: Path) -> None:
     """A waiter SIGSTOPped longer than its queue entry lives, while others prune it and

@@ -48,6 +48,9 @@ def holder(url: str, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
 def test_four_processes_increment_exactly(url: str, tmp_path: Path) -> None:
     counter = tmp_path / "counter"
     counter.write_text("0")
+    with BrokerLock.from_url(url).item("counter").hold() as before:
+        start = before.fence
+    assert start is not None
     procs = [
         subprocess.Popen([sys.executable, WORKER, "increment", url, "counter", "250", str(counter)])
         for _ in range(4)
@@ -55,21 +58,24 @@ def test_four_processes_increment_exactly(url: str, tmp_path: Path) -> None:
     for proc in procs:
         assert proc.wait(timeout=240) == 0
     assert counter.read_text() == "1000"
-    # Every one of the 1000 acquisitions produced a new fence.
+    # Every one of the 1000 acquisitions produced a new fence, one more each time.
     item = BrokerLock.from_url(url).item("counter")
     with item.hold():
-        assert item.fence == 1001
+        assert item.fence == start + 1001
 
 
 @needs_witness
-def test_killed_holder_frees_lock_at_once(url: str, holder: subprocess.Popen[bytes]) -> None:
+def test_killed_holder_frees_lock_at_once(
+    url: str, holder: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
     item = BrokerLock.from_url(url).item("job", ttl="60s", timeout="10s")
     assert item.try_acquire() is None
     started = time.monotonic()
     holder.kill()
+    holders_fence = int((tmp_path / "ready").read_text())
     item.acquire()  # ttl is 60 s: only the death of the holder can free it
     assert time.monotonic() - started < 1.0
-    assert item.fence == 2
+    assert item.fence == holders_fence + 1
     item.release()
 
 

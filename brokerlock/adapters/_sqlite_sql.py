@@ -51,7 +51,7 @@ NO_QUEUE = (
 )
 ACQUIRE = f"""
 INSERT INTO brokerlock_locks ({COLUMNS})
-VALUES (:name, :token, 1, :now, :expires, :host, :pid, :thread, :witness)
+VALUES (:name, :token, :first_fence, :now, :expires, :host, :pid, :thread, :witness)
 ON CONFLICT(name) DO UPDATE SET
     token = excluded.token, fence = brokerlock_locks.fence + 1,
     acquired_at = excluded.acquired_at, expires_at = excluded.expires_at,

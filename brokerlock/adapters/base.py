@@ -76,6 +76,16 @@ class Lease(NamedTuple):
         )
 
 
+def first_fence() -> int:
+    """The fence of a name's first acquisition in a store: microseconds since the epoch.
+
+    Later acquisitions add one, and one acquisition takes far longer than a
+    microsecond, so a store that was deleted and made anew (or a damaged record) starts
+    above every fence the old one gave out, as long as the wall clock did not step back.
+    """
+    return time.time_ns() // 1000
+
+
 class Adapter(abc.ABC):
     """A lock store. Every method is thread-safe; errors are :class:`BrokerLockError`."""
 

@@ -35,7 +35,7 @@ from ._files import (
     read_at,
     write_at,
 )
-from .base import Adapter, Lease, Request
+from .base import Adapter, Lease, Request, first_fence
 
 log = logging.getLogger("brokerlock")
 
@@ -125,7 +125,7 @@ class FileAdapter(Adapter):
                 raise ValueError("not a lock record")
         except ValueError:
             log.warning("lock file %s is damaged; treating its lock as free", path)
-            return {"name": name, "fence": _clock_fence(), "token": None, "damaged": True}, len(raw)
+            return {"name": name, "fence": first_fence(), "token": None, "damaged": True}, len(raw)
         if name is not None and record.get("name") != name:
             raise BrokerLockError(f"lock file {path} holds the record of another name")
         return record, len(raw)
@@ -161,7 +161,7 @@ class FileAdapter(Adapter):
         new = {
             "name": request.name,
             "token": request.token,
-            "fence": (record["fence"] if record else 0) + 1,
+            "fence": record["fence"] + 1 if record and record.get("fence") else first_fence(),
             "acquired_at": now,
             "expires_at": None if request.ttl is None else now + request.ttl,
             "host": request.host,
@@ -364,9 +364,3 @@ def _expiry(record: Optional[Record]) -> Optional[float]:
         return None
     expires = record.get("expires_at")
     return float(expires) if expires is not None else None
-
-
-def _clock_fence() -> int:
-    """A fence for a damaged record: microseconds since the epoch, above any counter
-    the record could have held, so fences still only grow."""
-    return time.time_ns() // 1000

@@ -69,10 +69,13 @@ class MemoryAdapter(Adapter):
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         return None
+                    # Look again at least every second: the expiry was computed from the wall
+                    # clock, and a clock stepped back and corrected must not park us for the
+                    # size of the step.
+                    bound = 1.0
                     if lease is not None and lease.expires_at is not None:
-                        until_expiry = max(0.0, lease.expires_at - self._clock()) + 0.0005
-                        remaining = until_expiry if remaining is None else min(remaining, until_expiry)
-                    self._cond.wait(remaining)
+                        bound = min(bound, max(0.0, lease.expires_at - self._clock()) + 0.0005)
+                    self._cond.wait(bound if remaining is None else min(remaining, bound))
             finally:
                 queue.remove(ticket)
                 if not queue:

@@ -12,6 +12,7 @@ systems: use Redis or PostgreSQL for locks shared between hosts.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import stat
@@ -24,7 +25,9 @@ from .._witness import Witness, witness_for
 from ..errors import BrokerLockError
 from . import _sqlite_sql as sql
 from ._files import ensure_private_dir, open_private
-from .base import Adapter, Lease, Request
+from .base import Adapter, Lease, Request, first_fence
+
+log = logging.getLogger("brokerlock")
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
@@ -86,18 +89,38 @@ class SQLiteAdapter(Adapter):
         _prepare_database_file(self.path)
         self._witness: Witness = witness_for(self.path + "-witness")
         self._bells = Bells(self.path + "-bells", self._witness.path)
-        self._run("open the database", self._setup)
+        self._run("open the database", lambda conn: None)
 
     # -- plumbing ---------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
+        """This thread's connection, made anew after fork() or when the database file
+        was deleted or replaced: a connection keeps the old inode open, and locks taken
+        in a ghost file would exclude nobody."""
         conn: Optional[sqlite3.Connection] = getattr(self._local, "conn", None)
-        if conn is None or self._local.pid != os.getpid():
-            # A connection inherited across fork() must never be used by the child.
-            conn = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=True
-            )
+        if conn is not None and self._local.pid == os.getpid():
+            try:
+                info = os.stat(self.path)
+                current = (info.st_dev, info.st_ino)
+            except OSError:
+                current = None
+            if current == self._local.ident:
+                return conn
+            log.warning("database %s was deleted or replaced; reconnecting", self.path)
+            conn.close()
+        # (A connection inherited across fork() is dropped unclosed: it is the parent's.)
+        _prepare_database_file(self.path)
+        conn = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=True
+        )
+        try:
             conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn, self._local.pid = conn, os.getpid()
+            self._setup(conn)
+            info = os.stat(self.path)
+        except BaseException:
+            conn.close()
+            raise
+        self._local.conn, self._local.pid = conn, os.getpid()
+        self._local.ident = (info.st_dev, info.st_ino)
         return conn
 
     def _setup(self, conn: sqlite3.Connection) -> None:
@@ -140,6 +163,10 @@ class SQLiteAdapter(Adapter):
         try:
             return fn(self._conn())
         except sqlite3.DatabaseError as exc:
+            # A connection that met a fault (a read-only or damaged file, a full disk)
+            # can keep its view of it; the next call starts afresh, so that it works as
+            # soon as the fault is repaired.
+            self._drop_connection()
             message = str(exc)
             if "not a database" in message or "malformed" in message:
                 message = f"{message} (is {self.path} an SQLite database brokerlock may use?)"
@@ -150,7 +177,7 @@ class SQLiteAdapter(Adapter):
     def _params(self, request: Request) -> dict[str, Any]:
         now = self._clock()
         return {
-            "name": request.name, "token": request.token, "now": now,
+            "name": request.name, "token": request.token, "now": now, "first_fence": first_fence(),
             "expires": None if request.ttl is None else now + request.ttl,
             "host": request.host, "pid": request.pid, "thread": request.thread,
             "witness": self._witness.mine(),
@@ -276,8 +303,16 @@ class SQLiteAdapter(Adapter):
                         "VALUES (?, ?, ?, ?, ?) RETURNING ticket",
                         (name, token, witness, until, bell),
                     ).fetchone()[0]
-                else:
-                    conn.execute("UPDATE brokerlock_waiters SET until = ? WHERE ticket = ?", (until, ticket))
+                elif not conn.execute(
+                    "UPDATE brokerlock_waiters SET until = ? WHERE ticket = ?", (until, ticket)
+                ).rowcount:
+                    # Our place ran out while we could not renew it (a pause, a clock step)
+                    # and someone pruned it: queue again rather than wait for nothing.
+                    ticket = conn.execute(
+                        "INSERT INTO brokerlock_waiters (name, token, witness, until, bell) "
+                        "VALUES (?, ?, ?, ?, ?) RETURNING ticket",
+                        (name, token, witness, until, bell),
+                    ).fetchone()[0]
                 refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
             # Bells wake only the waiter whose turn it is: try to take the lock at once,
             # in one statement.
@@ -390,8 +425,15 @@ class SQLiteAdapter(Adapter):
         lease = self.get(name)
         return lease is not None and self._free(name, lease.token, "break") is not None
 
-    def close(self) -> None:
+    def _drop_connection(self) -> None:
         conn = getattr(self._local, "conn", None)
+        self._local.conn = None
         if conn is not None and self._local.pid == os.getpid():
-            conn.close()
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+
+    def close(self) -> None:
+        self._drop_connection()
         self._local = threading.local()
