@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS {q} (
 )"""
 # Free, and nobody alive waits ahead of us (a newcomer, arrival NULL, is behind all).
 ACQUIRE = f"""INSERT INTO {{t}} AS t (name, token, fence, acquired_at, expires_at, host, pid, thread, holder)
-SELECT %(name)s, %(token)s, 1, c.now, c.now + %(ttl)s::float8 * interval '1 second',
+SELECT %(name)s, %(token)s, (extract(epoch FROM c.now) * 1000000)::int8,
+       c.now, c.now + %(ttl)s::float8 * interval '1 second',
        %(host)s, %(pid)s, %(thread)s, %(holder)s::int8
 FROM (SELECT clock_timestamp() AS now) c
 WHERE %(holder)s::int8 IN {LIVE_KEYS}
@@ -46,7 +47,8 @@ WHERE %(holder)s::int8 IN {LIVE_KEYS}
                   AND (%(arrival)s::timestamptz IS NULL
                        OR (q.arrival, q.token) < (%(arrival)s::timestamptz, %(token)s)))
 ON CONFLICT (name) DO UPDATE SET
-    token = excluded.token, fence = t.fence + 1, acquired_at = excluded.acquired_at,
+    token = excluded.token, fence = GREATEST(t.fence + 1, excluded.fence),
+    acquired_at = excluded.acquired_at,
     expires_at = excluded.expires_at, host = excluded.host, pid = excluded.pid,
     thread = excluded.thread, holder = excluded.holder
 WHERE t.token IS NULL OR t.token = excluded.token OR t.expires_at <= excluded.acquired_at

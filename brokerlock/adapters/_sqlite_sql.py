@@ -1,7 +1,8 @@
 """The SQL of the SQLite store, kept apart from the code that runs it.
 
 Two tables: ``brokerlock_locks`` holds one lease row per name, never deleted (release
-clears the token), so fences grow forever; ``brokerlock_waiters`` is the FIFO queue.
+clears the token), and a fence is ``max(previous + 1, now in µs)``, so fences grow
+forever, even past a lost write or a store made anew; ``brokerlock_waiters`` is the FIFO queue.
 Triggers take a waiter out of the queue in the same statement that grants it the lock.
 """
 
@@ -51,9 +52,9 @@ NO_QUEUE = (
 )
 ACQUIRE = f"""
 INSERT INTO brokerlock_locks ({COLUMNS})
-VALUES (:name, :token, :first_fence, :now, :expires, :host, :pid, :thread, :witness)
+VALUES (:name, :token, :clock_fence, :now, :expires, :host, :pid, :thread, :witness)
 ON CONFLICT(name) DO UPDATE SET
-    token = excluded.token, fence = brokerlock_locks.fence + 1,
+    token = excluded.token, fence = MAX(brokerlock_locks.fence + 1, excluded.fence),
     acquired_at = excluded.acquired_at, expires_at = excluded.expires_at,
     host = excluded.host, pid = excluded.pid, thread = excluded.thread,
     witness = excluded.witness
@@ -62,7 +63,7 @@ RETURNING fence
 """
 TAKE_FROM_DEAD = """
 UPDATE brokerlock_locks SET
-    token = :token, fence = fence + 1, acquired_at = :now, expires_at = :expires,
+    token = :token, fence = MAX(fence + 1, :clock_fence), acquired_at = :now, expires_at = :expires,
     host = :host, pid = :pid, thread = :thread, witness = :witness
 WHERE name = :name AND token = :dead AND {queue}
 RETURNING fence

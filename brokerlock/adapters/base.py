@@ -76,12 +76,13 @@ class Lease(NamedTuple):
         )
 
 
-def first_fence() -> int:
-    """The fence of a name's first acquisition in a store: microseconds since the epoch.
+def clock_fence() -> int:
+    """The wall clock in microseconds: the floor of every new fence.
 
-    Later acquisitions add one, and one acquisition takes far longer than a
-    microsecond, so a store that was deleted and made anew (or a damaged record) starts
-    above every fence the old one gave out, as long as the wall clock did not step back.
+    Stores give ``max(previous fence + 1, clock_fence())``. One acquisition takes far
+    longer than a microsecond, so a fence never runs ahead of the clock, and a write
+    lost in a crash, a store deleted and made anew, or a damaged record still cannot
+    make a fence repeat, as long as the wall clock does not step back past it.
     """
     return time.time_ns() // 1000
 

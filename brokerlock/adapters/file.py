@@ -35,7 +35,7 @@ from ._files import (
     read_at,
     write_at,
 )
-from .base import Adapter, Lease, Request, first_fence
+from .base import Adapter, Lease, Request, clock_fence
 
 log = logging.getLogger("brokerlock")
 
@@ -125,7 +125,7 @@ class FileAdapter(Adapter):
                 raise ValueError("not a lock record")
         except ValueError:
             log.warning("lock file %s is damaged; treating its lock as free", path)
-            return {"name": name, "fence": first_fence(), "token": None, "damaged": True}, len(raw)
+            return {"name": name, "fence": 0, "token": None, "damaged": True}, len(raw)
         if name is not None and record.get("name") != name:
             raise BrokerLockError(f"lock file {path} holds the record of another name")
         return record, len(raw)
@@ -161,7 +161,7 @@ class FileAdapter(Adapter):
         new = {
             "name": request.name,
             "token": request.token,
-            "fence": record["fence"] + 1 if record and record.get("fence") else first_fence(),
+            "fence": max(record["fence"] + 1 if record else 0, clock_fence()),
             "acquired_at": now,
             "expires_at": None if request.ttl is None else now + request.ttl,
             "host": request.host,

@@ -25,7 +25,7 @@ from .._witness import Witness, witness_for
 from ..errors import BrokerLockError
 from . import _sqlite_sql as sql
 from ._files import ensure_private_dir, open_private
-from .base import Adapter, Lease, Request, first_fence
+from .base import Adapter, Lease, Request, clock_fence
 
 log = logging.getLogger("brokerlock")
 
@@ -177,7 +177,7 @@ class SQLiteAdapter(Adapter):
     def _params(self, request: Request) -> dict[str, Any]:
         now = self._clock()
         return {
-            "name": request.name, "token": request.token, "now": now, "first_fence": first_fence(),
+            "name": request.name, "token": request.token, "now": now, "clock_fence": clock_fence(),
             "expires": None if request.ttl is None else now + request.ttl,
             "host": request.host, "pid": request.pid, "thread": request.thread,
             "witness": self._witness.mine(),
