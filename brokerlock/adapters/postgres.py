@@ -16,16 +16,16 @@ lease (see ``_postgres_presence``).
 
 Waiters queue in ``<table>_queue``, first come first served (arrival by the server's
 clock; a dead process's waiters are skipped at once, a stalled one after
-``QUEUE_PATIENCE``), and a newcomer never overtakes them. They ``LISTEN`` on a channel
-per name that release, force-release and a departing waiter ``NOTIFY``: all of the
-name's waiters wake, only the head can take the lock. A session that ends notifies
-nobody, so waiters also re-check at least every second.
+``QUEUE_PATIENCE``), and a newcomer never overtakes them. Each waiter ``LISTEN``s on a
+channel of its own (named after its token); release, force-release and a departing
+waiter ``NOTIFY`` the head of the queue only, in the same statement, and the head takes
+the lock (and leaves the queue) in one more. A session that ends notifies nobody, so
+waiters also re-check when the current lease expires and at least every second.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import re
@@ -36,8 +36,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import BrokerLockError
 from ._postgres_presence import presence_for
-from ._postgres_sql import ACQUIRE, ENQUEUE, EXTEND, FORCE, LEAVE, LIVE_KEYS, RELEASE, SCHEMA, SELECT
-from .base import Adapter, Lease, Request, Waiter
+from ._postgres_sql import ACQUIRE, ENQUEUE, EXTEND, FORCE, LEAVE, RELEASE, SCHEMA, SELECT
+from .base import Adapter, Lease, Request
 
 if TYPE_CHECKING:
     import psycopg
@@ -48,6 +48,9 @@ T = TypeVar("T")
 
 #: Waiters look again at least this often, whatever they were told.
 RECHECK = 1.0
+#: A waiter LISTENs on this prefix + its token; only the waiter whose turn has come is
+#: notified, not the whole queue.
+CHANNEL_PREFIX = "brokerlock_"
 #: libpq settings we add unless the DSN sets them: fail fast on a server that does not
 #: answer, and notice a dead network instead of waiting on it for ever.
 CONNECT_DEFAULTS = {
@@ -142,7 +145,6 @@ class PostgresAdapter(Adapter):
         }
         self._sql["get"] = sql.SQL(SELECT).format(t=ident, where=sql.SQL("AND name = %(name)s"))
         self._sql["list"] = sql.SQL(SELECT).format(t=ident, where=sql.SQL(""))
-        self._sql["dequeue"] = sql.SQL("DELETE FROM {q} WHERE token = %(token)s").format(q=queue)
         self._idle: List[psycopg.Connection[Any]] = []
         self._idle_mutex = threading.Lock()
         self._idle_pid = os.getpid()
@@ -235,10 +237,6 @@ class PostgresAdapter(Adapter):
             conn.execute("SELECT pg_advisory_xact_lock(%s::int8)", (SCHEMA_LOCK,))
             conn.execute(self._sql["schema"])
 
-    def _channel(self, name: str) -> str:
-        digest = hashlib.sha256(f"{self.table}\0{name}".encode()).hexdigest()[:40]
-        return "brokerlock_" + digest
-
     @staticmethod
     def _lease(row: Tuple[Any, ...]) -> Lease:
         name, token, fence, acquired_at, expires_at, host, pid, thread = row
@@ -254,34 +252,45 @@ class PostgresAdapter(Adapter):
         return float(row[0])
 
     def try_acquire(self, request: Request) -> Optional[Lease]:
-        return self._try(request, None)
+        return self._try(request, None)[0]
 
     def acquire(self, request: Request, timeout: Optional[float]) -> Optional[Lease]:
-        """Wait in the name's queue: first come, first served, woken by NOTIFY."""
+        """Wait in the name's queue: first come, first served, woken by a NOTIFY on a
+        channel of our own, which only the release that makes us the head sends."""
         lease = self.try_acquire(request)
         if lease is not None or timeout == 0:
             return lease
         deadline = None if timeout is None else time.monotonic() + timeout
         reachable = True
-        with self.waiter(request.name) as waiter:
+        with _NotifyWaiter(self, request) as waiter:
             try:
+                # Queue after LISTEN and before trying, so no release after the attempt
+                # goes unheard.
+                arrival = self._enqueue(request)
+                renewed = time.monotonic()
                 while True:
-                    # Queue (or renew our place) before trying: LISTEN is already on,
-                    # so no release after the attempt goes unheard.
-                    arrival = self._enqueue(request)
-                    lease = self._try(request, arrival)
+                    lease, left = self._try(request, arrival)
                     if lease is not None:
                         return lease
-                    remaining = None if deadline is None else deadline - time.monotonic()
+                    now = time.monotonic()
+                    remaining = None if deadline is None else deadline - now
                     if remaining is not None and remaining <= 0:
                         return None
-                    waiter.wait(self._recheck_after(request.name, remaining))
+                    bound = RECHECK if remaining is None else min(RECHECK, remaining)
+                    if left is not None:
+                        # An expiring lease notifies nobody: look again when it ends.
+                        bound = min(bound, max(0.0, left) + 0.001)
+                    if not waiter.wait(bound) or now - renewed >= RECHECK:
+                        # Nothing came (or a while has passed): renew our place in the
+                        # queue, so that nobody takes us for a stalled waiter.
+                        arrival = self._enqueue(request)
+                        renewed = time.monotonic()
             except BrokerLockError:
                 reachable = False  # our place lapses by itself; leaving would only delay the error
                 raise
             finally:
-                if reachable:
-                    self._leave(request, gave_up=lease is None)
+                if reachable and lease is None:
+                    self._leave(request)
 
     def _enqueue(self, request: Request) -> Any:
         action = f"wait for {request.name!r}"
@@ -295,15 +304,20 @@ class PostgresAdapter(Adapter):
         assert row is not None
         return row[0]
 
-    def _leave(self, request: Request, gave_up: bool) -> None:
-        params = {"token": request.token, "channel": self._channel(request.name)}
-        statement = self._sql["leave" if gave_up else "dequeue"]
+    def _leave(self, request: Request) -> None:
+        params = {"name": request.name, "token": request.token, "prefix": CHANNEL_PREFIX}
         try:
-            self._run(f"leave the queue of {request.name!r}", lambda c: c.execute(statement, params))
+            self._run(
+                f"leave the queue of {request.name!r}",
+                lambda c: c.execute(self._sql["leave"], params),
+            )
         except BrokerLockError as exc:
             log.debug("%s", exc)  # our place lapses by itself after QUEUE_PATIENCE
 
-    def _try(self, request: Request, arrival: Any) -> Optional[Lease]:
+    def _try(self, request: Request, arrival: Any) -> Tuple[Optional[Lease], Optional[float]]:
+        """The lease, or ``None`` and the seconds left on the current lease (if known).
+
+        A waiter (``arrival`` set) that takes the lock leaves the queue with it."""
         action = f"acquire {request.name!r}"
         for _attempt in (1, 2):
             try:
@@ -316,31 +330,31 @@ class PostgresAdapter(Adapter):
                 "holder": holder, "arrival": arrival,
             }
             row = self._run(action, functools.partial(self._attempt, params))
-            if row is None:
-                return None
-            if row[0]:
-                _ok, fence, acquired_at, expires_at = row
-                return Lease(
-                    request.name, request.token, int(fence), acquired_at, expires_at,
+            took, fence, acquired_at, expires_or_left, alive = row
+            if took:
+                lease = Lease(
+                    request.name, request.token, int(fence), acquired_at, expires_or_left,
                     request.host, request.pid, request.thread,
                 )
+                return lease, None
+            if alive:
+                return None, expires_or_left
             # Our presence session is gone (a server restart, a dropped connection):
-            # a row written under its key would be free for anyone, so get a new one.
+            # a row written under its key would be free for anyone, so get a new one,
+            # and move our place in the queue (if any) under it.
             log.warning("%s: presence session lost; opening a new one", self.server)
             self._presence.renew(holder)
+            if arrival is not None:
+                arrival = self._enqueue(request)
         raise self._error(action, RuntimeError("the presence session keeps failing"))
 
-    def _attempt(self, params: Dict[str, Any], conn: psycopg.Connection[Any]) -> Optional[Tuple[Any, ...]]:
-        """``(True, fence, acquired_at, expires_at)``, ``None`` if held, ``(False,)`` if our
-        presence session is gone."""
+    def _attempt(self, params: Dict[str, Any], conn: psycopg.Connection[Any]) -> Tuple[Any, ...]:
         row = conn.execute(self._sql["acquire"], params).fetchone()
-        if row is not None:
-            return (True, *row)
-        alive = conn.execute(f"SELECT %(holder)s::int8 IN {LIVE_KEYS}", params).fetchone()
-        return None if alive is None or alive[0] else (False,)
+        assert row is not None
+        return tuple(row)
 
     def release(self, name: str, token: str) -> bool:
-        params = {"name": name, "token": token, "channel": self._channel(name)}
+        params = {"name": name, "token": token, "prefix": CHANNEL_PREFIX}
         row = self._run(
             f"release {name!r}", lambda c: c.execute(self._sql["release"], params).fetchone()
         )
@@ -364,18 +378,11 @@ class PostgresAdapter(Adapter):
         return [self._lease(row) for row in rows]
 
     def force_release(self, name: str) -> bool:
-        params = {"name": name, "channel": self._channel(name)}
+        params = {"name": name, "prefix": CHANNEL_PREFIX}
         rows = self._run(
             f"break {name!r}", lambda c: c.execute(self._sql["force"], params).fetchall()
         )
         return bool(rows)
-
-    def waiter(self, name: str) -> Waiter:
-        return _NotifyWaiter(self, name)
-
-    def _recheck_after(self, name: str, remaining: Optional[float]) -> Optional[float]:
-        bound = super()._recheck_after(name, remaining)
-        return RECHECK if bound is None else min(bound, RECHECK)
 
     def close(self) -> None:
         # The presence session stays: leases held by this process live on until it
@@ -387,31 +394,41 @@ class PostgresAdapter(Adapter):
             conn.close()
 
 
-class _NotifyWaiter(Waiter):
-    """A session of its own that LISTENs on the name's channel while the waiter lives."""
+class _NotifyWaiter:
+    """A session of its own that LISTENs on the waiter's own channel while it waits.
 
-    def __init__(self, adapter: PostgresAdapter, name: str) -> None:
+    Only this session listens on it, and it runs no statements meanwhile (attempts use
+    pooled sessions), so a notification that comes while an attempt runs stays in its
+    socket until the next :meth:`wait`.
+    """
+
+    def __init__(self, adapter: PostgresAdapter, request: Request) -> None:
         from psycopg import sql
 
         self._adapter = adapter
-        self._action = f"wait for {name!r}"
+        self._action = f"wait for {request.name!r}"
+        channel = sql.Identifier(CHANNEL_PREFIX + request.token)
         try:
             self._conn, _fresh = adapter._take()
-            self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(adapter._channel(name))))
+            self._conn.execute(sql.SQL("LISTEN {}").format(channel))
         except adapter._psycopg.Error as exc:
             raise adapter._error(self._action, exc) from None
 
-    def wait(self, timeout: Optional[float]) -> None:
-        block = RECHECK if timeout is None else min(timeout, RECHECK)
-        if block <= 0:
-            return
+    def wait(self, timeout: float) -> bool:
+        """Block until notified (``True``) or ``timeout`` seconds have passed."""
+        if timeout <= 0:
+            return False
         try:
-            for _notify in self._conn.notifies(timeout=block, stop_after=1):
-                pass
+            for _notify in self._conn.notifies(timeout=timeout, stop_after=1):
+                return True
         except self._adapter._psycopg.Error as exc:
             raise self._adapter._error(self._action, exc) from None
+        return False
 
-    def close(self) -> None:
+    def __enter__(self) -> _NotifyWaiter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         try:
             self._conn.execute("UNLISTEN *")
         except self._adapter._psycopg.Error:
