@@ -1,117 +1,162 @@
 """The Lua scripts of the Redis store, each run atomically by the server.
 
 Every timestamp comes from the server's ``TIME``; keys are passed in ``KEYS``, except
-the per-waiter signal lists, whose names are built from a prefix in ``ARGV``.
+the per-waiter signal lists, whose names are built from a prefix in ``ARGV``, and the
+presence channels (see ``_redis_presence``), which ``PUBSUB NUMSUB`` counts.
+
+A queue member is ``<token>|<presence channel>``, so a script can tell that a waiter
+died without another key.
 """
 
-#: Shared by the scripts: drop waiters whose deadline passed (they died or stalled),
-#: and hand a wake-up to the waiter now at the head of the queue.
+#: Shared by the scripts: liveness, the queue's head (dropping dead and stalled
+#: waiters), and a wake-up for the waiter whose turn has come.
 QUEUE = """
 local function now_us()
     local t = redis.call('TIME')
     return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-local function head(queue, alive, now_ms)
-    local gone = redis.call('ZRANGEBYSCORE', alive, '-inf', now_ms)
-    for _, t in ipairs(gone) do
-        redis.call('ZREM', queue, t)
-        redis.call('ZREM', alive, t)
+local function alive(presence)
+    if not presence or presence == '' then return true end
+    return redis.call('PUBSUB', 'NUMSUB', presence)[2] > 0
+end
+local function token_of(member) return string.match(member, '^[^|]*') end
+local function drop(queue, waiting, member)
+    redis.call('ZREM', queue, member)
+    redis.call('ZREM', waiting, member)
+end
+-- The first live waiter and the one after it (either may be nil).
+local function head(queue, waiting, now_ms)
+    if redis.call('EXISTS', queue) == 0 then return nil, nil end
+    local gone = redis.call('ZRANGEBYSCORE', waiting, '-inf', now_ms)
+    for _, m in ipairs(gone) do drop(queue, waiting, m) end
+    while true do
+        local two = redis.call('ZRANGE', queue, 0, 1)
+        if not two[1] then return nil, nil end
+        if alive(string.sub(two[1], string.len(token_of(two[1])) + 2)) then
+            return two[1], two[2]
+        end
+        drop(queue, waiting, two[1])
     end
-    return redis.call('ZRANGE', queue, 0, 0)[1]
 end
 -- The lock is free and `first` is to take it: it gets `grace` ms to do so, after which
--- it is skipped (dead, or stopped) and loses its place. Returns the ms left.
-local function hurry(alive, first, now_ms, grace)
-    local deadline = tonumber(redis.call('ZSCORE', alive, first))
+-- it is skipped (stopped) and loses its place. Returns the ms left.
+local function hurry(waiting, first, now_ms, grace)
+    local deadline = tonumber(redis.call('ZSCORE', waiting, first))
     if deadline > now_ms + grace then
         deadline = now_ms + grace
-        redis.call('ZADD', alive, deadline, first)
+        redis.call('ZADD', waiting, deadline, first)
     end
     return deadline - now_ms
 end
-local function wake(queue, alive, signals, ttl, grace)
+local function wake(queue, waiting, signals, ttl, grace)
     local now_ms = math.floor(now_us() / 1000)
-    local first = head(queue, alive, now_ms)
+    local first = head(queue, waiting, now_ms)
     if first then
-        hurry(alive, first, now_ms, tonumber(grace))
-        local key = signals .. first
+        hurry(waiting, first, now_ms, tonumber(grace))
+        local key = signals .. token_of(first)
         if redis.call('LLEN', key) == 0 then redis.call('RPUSH', key, '1') end
         redis.call('PEXPIRE', key, ttl)
     end
 end
 """
 
-# KEYS: lock, fence, queue, alive. Returns the lease's {fence, acquired, expires}; nil
-# if held; {ms} if free but another waiter is first, with the ms it has left to take it.
-# A newcomer (not queued) and a queued waiter that is
-# not at the head both find the lock taken while anyone waits ahead of them.
+# KEYS: lock, fence, queue, waiting. ARGV: token, ttl ms, name, host, pid, thread,
+# grace ms, presence, member, patience ms, queued ('1': wait in the queue if not taken).
+# Returns the lease's {fence, acquired, expires} (strings), or three integers:
+# {0, ms left on the live holder's lease (-1: no ttl), position} when held,
+# {1, ms the waiter ahead has left to take it, position} when another's turn,
+# {2, 0, 0} when our own presence is gone. Position: 1 first in line, 2 second, 3 later
+# (or not queued). A newcomer never takes the lock while anyone lives in the queue.
 ACQUIRE = QUEUE + """
-local held = redis.call('HGET', KEYS[1], 'token')
-if held then
-    if held ~= ARGV[1] then return false end
-    -- Our own lease: this is a retry of a call whose reply was lost.
-    return redis.call('HMGET', KEYS[1], 'fence', 'acquired_us', 'expires_us')
-end
 local now = now_us()
-local first = head(KEYS[3], KEYS[4], math.floor(now / 1000))
-if first and first ~= ARGV[1] then
-    return {tostring(hurry(KEYS[4], first, math.floor(now / 1000), tonumber(ARGV[7])))}
+local now_ms = math.floor(now / 1000)
+local member = ARGV[9]
+local function queue_up()
+    if ARGV[11] ~= '1' then return 3 end
+    local patience = tonumber(ARGV[10])
+    redis.call('ZADD', KEYS[3], 'NX', now, member)
+    redis.call('ZADD', KEYS[4], now_ms + patience, member)
+    for i = 3, 4 do
+        if redis.call('PTTL', KEYS[i]) < patience + 1000 then
+            redis.call('PEXPIRE', KEYS[i], patience + 1000)
+        end
+    end
+    local first, second = head(KEYS[3], KEYS[4], now_ms)
+    if first == member then return 1 end
+    if second == member then return 2 end
+    return 3
 end
-if first then
-    redis.call('ZREM', KEYS[3], ARGV[1])
-    redis.call('ZREM', KEYS[4], ARGV[1])
+local held = redis.call('HMGET', KEYS[1], 'token', 'presence')
+if held[1] then
+    if held[1] == ARGV[1] then
+        -- Our own lease: this is a retry of a call whose reply was lost.
+        return redis.call('HMGET', KEYS[1], 'fence', 'acquired_us', 'expires_us')
+    end
+    if alive(held[2]) then
+        local position = queue_up()
+        return {0, redis.call('PTTL', KEYS[1]), position}
+    end
 end
+if not alive(ARGV[8]) then return {2, 0, 0} end
+local first = head(KEYS[3], KEYS[4], now_ms)
+if first and first ~= member then
+    local position = queue_up()
+    return {1, hurry(KEYS[4], first, now_ms, tonumber(ARGV[7])), position}
+end
+if first then drop(KEYS[3], KEYS[4], member) end
 local fence = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, now)
 fence = string.format('%.0f', fence)
 redis.call('SET', KEYS[2], fence)
 local expires = ''
 if ARGV[2] ~= '' then expires = string.format('%.0f', now + tonumber(ARGV[2]) * 1000) end
 local acquired = string.format('%.0f', now)
+if held[1] then redis.call('DEL', KEYS[1]) end
 redis.call('HSET', KEYS[1], 'name', ARGV[3], 'token', ARGV[1], 'fence', fence,
     'acquired_us', acquired, 'expires_us', expires,
-    'host', ARGV[4], 'pid', ARGV[5], 'thread', ARGV[6])
+    'host', ARGV[4], 'pid', ARGV[5], 'thread', ARGV[6], 'presence', ARGV[8])
 if ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return {fence, acquired, expires}
 """
 
-# KEYS: queue, alive. ARGV: token, patience ms. NX keeps a waiter's place on refresh.
-ENQUEUE = QUEUE + """
-local now = now_us()
-redis.call('ZADD', KEYS[1], 'NX', now, ARGV[1])
-redis.call('ZADD', KEYS[2], math.floor(now / 1000) + tonumber(ARGV[2]), ARGV[1])
-for _, key in ipairs(KEYS) do
-    if redis.call('PTTL', key) < tonumber(ARGV[2]) + 1000 then
-        redis.call('PEXPIRE', key, tonumber(ARGV[2]) + 1000)
-    end
-end
-"""
-
-# KEYS: lock, queue, alive. ARGV: token, signal key prefix, signal ttl. A waiter that
-# gives up passes the wake-up on, so the queue behind it never stalls.
+# KEYS: lock, queue, waiting. ARGV: member, signal key prefix, signal ttl, grace. A
+# waiter that gives up passes the wake-up on, so the queue behind it never stalls.
 LEAVE = QUEUE + """
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-if redis.call('EXISTS', KEYS[1]) == 0 then wake(KEYS[2], KEYS[3], ARGV[2], ARGV[3], ARGV[4]) end
+drop(KEYS[2], KEYS[3], ARGV[1])
+local held = redis.call('HMGET', KEYS[1], 'token', 'presence')
+if not held[1] or not alive(held[2]) then wake(KEYS[2], KEYS[3], ARGV[2], ARGV[3], ARGV[4]) end
 """
 
-# KEYS: lock, queue, alive. An expired lease's key is already gone, so "token matches"
-# also means "still live".
+# KEYS: lock, queue, waiting. An expired lease's key is already gone, so "token
+# matches" also means "unexpired"; a lease whose presence ended was free for the
+# taking meanwhile, so it counts as lost too.
 RELEASE = QUEUE + """
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+local held = redis.call('HMGET', KEYS[1], 'token', 'presence')
+if held[1] ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 wake(KEYS[2], KEYS[3], ARGV[2], ARGV[3], ARGV[4])
-return 1
+if alive(held[2]) then return 1 end
+return 0
 """
 
 FORCE_RELEASE = QUEUE + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local held = redis.call('HMGET', KEYS[1], 'token', 'presence')
+if not held[1] then return 0 end
 redis.call('DEL', KEYS[1])
 wake(KEYS[2], KEYS[3], ARGV[2], ARGV[3], ARGV[4])
-return 1
+if alive(held[2]) then return 1 end
+return 0
 """
 
-EXTEND = """
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return false end
+_ALIVE = """
+local function alive(presence)
+    if not presence or presence == '' then return true end
+    return redis.call('PUBSUB', 'NUMSUB', presence)[2] > 0
+end
+"""
+
+EXTEND = _ALIVE + """
+local held = redis.call('HMGET', KEYS[1], 'token', 'presence')
+if held[1] ~= ARGV[1] or not alive(held[2]) then return false end
 local expires = ''
 if ARGV[2] ~= '' then
     local t = redis.call('TIME')
@@ -122,5 +167,11 @@ else
     redis.call('PERSIST', KEYS[1])
 end
 redis.call('HSET', KEYS[1], 'expires_us', expires)
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# KEYS: lock. The lease if its holder lives, else nothing.
+READ = _ALIVE + """
+if not alive(redis.call('HGET', KEYS[1], 'presence')) then return {} end
 return redis.call('HGETALL', KEYS[1])
 """

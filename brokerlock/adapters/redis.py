@@ -12,28 +12,33 @@ Keys, all under the prefix (``brokerlock:`` by default):
     every fence handed out before, as long as the server's clock does not run back.
 ``<prefix>queue:<name>``, ``<prefix>alive:<name>``
     The waiters, first come first served: arrival time by the server's clock, and the
-    deadline by which each must refresh its place (a waiter that died drops out after
-    a few seconds). A newcomer never takes the lock while anyone waits ahead of it.
+    deadline by which each must refresh its place. A newcomer never takes the lock
+    while anyone waits ahead of it.
 ``<prefix>signal:<name>:<token>``
     One wake-up list per waiter. ``release`` and ``force_release`` push onto the list
-    of the waiter at the head of the queue only, which blocks in ``BLPOP`` on it; a
-    waiter that gives up passes the wake-up on. Leases that simply expire push nothing,
-    so waiters also re-check at the lease's expiry, and at least every second.
+    of the first live waiter only, which blocks in ``BLPOP`` on it and takes the lock in
+    one script; a waiter that gives up passes the wake-up on.
 
-A holder that dies keeps its lock until its ttl runs out: choose ttls with that in
-mind (PostgreSQL frees a dead holder's lock at once).
+Each process keeps one presence connection subscribed to a random channel (see
+``_redis_presence``) whose name it writes into its leases and queue places: a lease
+whose channel has no subscriber belongs to a dead process and is free at once, and
+a dead waiter is skipped at once. Nothing pushes when a holder dies or a lease
+expires, so the first two waiters in line look again with a backoff (from 2 ms to a
+quarter of a second), every waiter at the lease's expiry and at least every second.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from ..errors import BrokerLockError
-from ._redis_lua import ACQUIRE, ENQUEUE, EXTEND, FORCE_RELEASE, LEAVE, RELEASE
+from ._redis_lua import ACQUIRE, EXTEND, FORCE_RELEASE, LEAVE, READ, RELEASE
+from ._redis_presence import presence_for
 from .base import Adapter, Lease, Request
 
 if TYPE_CHECKING:
@@ -52,12 +57,17 @@ RECHECK = 1.0
 #: A wake-up nobody took is dropped after this many milliseconds.
 SIGNAL_TTL_MS = 10_000
 #: A queued waiter that has not refreshed its place for this long is dropped from the
-#: queue (it died or stalled); live waiters refresh at least every RECHECK.
+#: queue (it stalled; one that died is dropped at once); live waiters refresh at least
+#: every RECHECK.
 PATIENCE_MS = 5_000
 #: A waiter whose turn has come (the lock is free, it heads the queue) must take the lock
-#: within this many ms or lose its place: a killed or stopped waiter stalls the queue
-#: this long, not PATIENCE_MS. Woken by its own BLPOP, a live waiter needs about 1 ms.
+#: within this many ms or lose its place: a stopped waiter stalls the queue this long,
+#: not PATIENCE_MS. Woken by its own BLPOP, a live waiter needs about 1 ms.
 GRACE_MS = 100
+#: The first two waiters in line watch the one ahead of them (a holder or a waiter that
+#: may have died) from this interval, doubling up to POLL_MAX.
+POLL_MIN = 0.002
+POLL_MAX = 0.25
 
 def _driver() -> Any:
     try:
@@ -139,8 +149,9 @@ class RedisAdapter(Adapter):
         self._release = client.register_script(RELEASE)
         self._force = client.register_script(FORCE_RELEASE)
         self._extend = client.register_script(EXTEND)
-        self._enqueue = client.register_script(ENQUEUE)
         self._leave = client.register_script(LEAVE)
+        self._read = client.register_script(READ)
+        self._presence = presence_for(f"{self.server} {kwargs.get('username') or ''}", driver, client)
 
     @staticmethod
     def _split_url(url: str, prefix: str) -> tuple[str, str]:
@@ -178,6 +189,9 @@ class RedisAdapter(Adapter):
         except self._errors as exc:
             raise BrokerLockError(f"Redis at {self.server}: could not {action}: {exc}") from None
 
+    def _script(self, action: str, script: Any, keys: List[str], args: List[Any]) -> Any:
+        return self._run(action, lambda: script(keys=keys, args=args))
+
     @staticmethod
     def _lease(fields: Dict[str, Any]) -> Optional[Lease]:
         if not fields.get("token"):
@@ -210,29 +224,37 @@ class RedisAdapter(Adapter):
         return [self._key("signal", name) + ":", SIGNAL_TTL_MS, GRACE_MS]
 
     def try_acquire(self, request: Request) -> Optional[Lease]:
-        return self._try(request)[0]
+        return self._try(request, False)[0]
 
-    def _try(self, request: Request) -> Tuple[Optional[Lease], Optional[float]]:
-        """The lease, or ``None`` and how long the waiter ahead has to take the lock."""
+    def _try(self, request: Request, queued: bool) -> Tuple[Optional[Lease], int, float, int, str]:
+        """The lease, or ``None`` with what the script said: code (0 held, 1 another
+        waiter's turn), seconds to look again by (-1: none), position; and our member."""
         name = request.name
-        reply = self._run(
-            f"acquire {name!r}",
-            lambda: self._acquire(
-                keys=[self._key("lock", name), self._key("fence", name), *self._queue(name)],
-                args=[request.token, _ttl_ms(request.ttl), name, request.host,
-                      str(request.pid), request.thread, GRACE_MS],
-            ),
-        )
-        if not reply:
-            return None, None
-        if len(reply) == 1:
-            return None, int(_text(reply[0])) / 1000 + 0.001
-        fence, acquired, expires = reply
-        lease = Lease(
-            name, request.token, int(_text(fence)), _seconds(acquired) or 0.0,
-            _seconds(expires), request.host, request.pid, request.thread,
-        )
-        return lease, None
+        for _attempt in (1, 2):
+            presence = self._run(f"acquire {name!r}", self._presence.current)
+            member = f"{request.token}|{presence}"
+            reply = self._script(
+                f"acquire {name!r}", self._acquire,
+                [self._key("lock", name), self._key("fence", name), *self._queue(name)],
+                [request.token, _ttl_ms(request.ttl), name, request.host, str(request.pid),
+                 request.thread, GRACE_MS, presence, member, PATIENCE_MS, "1" if queued else ""],
+            )
+            if isinstance(reply[0], int):
+                code, ms, position = (int(x) for x in reply)
+                if code == 2:
+                    # Our presence connection is gone (a restart, a dropped connection):
+                    # a lease named after it would be free for anyone, so get a new one.
+                    log.warning("%s: presence connection lost; opening a new one", self.server)
+                    self._run("renew the presence", functools.partial(self._presence.renew, presence))
+                    continue
+                return None, code, (ms / 1000 + 0.001 if ms >= 0 else -1.0), position, member
+            fence, acquired, expires = reply
+            lease = Lease(
+                name, request.token, int(_text(fence)), _seconds(acquired) or 0.0,
+                _seconds(expires), request.host, request.pid, request.thread,
+            )
+            return lease, 0, 0.0, 0, member
+        raise BrokerLockError(f"Redis at {self.server}: the presence connection keeps failing")
 
     def release(self, name: str, token: str) -> bool:
         released = self._run(
@@ -251,21 +273,21 @@ class RedisAdapter(Adapter):
         return self._lease(self._fields(reply)) if reply else None
 
     def get(self, name: str) -> Optional[Lease]:
-        fields = self._run(f"read {name!r}", lambda: self._client.hgetall(self._key("lock", name)))
-        return self._lease({_text(k): v for k, v in fields.items()})
+        flat = self._run(f"read {name!r}", lambda: self._read(keys=[self._key("lock", name)]))
+        return self._lease(self._fields(flat))
 
     def list(self) -> List[Lease]:
         def scan() -> List[Any]:
             keys = list(self._client.scan_iter(match=_glob_escape(self.prefix) + "lock:*", count=500))
             pipe = self._client.pipeline(transaction=False)
             for key in keys:
-                pipe.hgetall(key)
+                self._read(keys=[key], client=pipe)
             return pipe.execute()
 
         leases = []
-        for fields in self._run("list the locks", scan):
-            # A lease that expired between SCAN and HGETALL reads as empty.
-            lease = self._lease({_text(k): v for k, v in fields.items()})
+        for flat in self._run("list the locks", scan):
+            # A lease that expired between SCAN and the read reads as empty.
+            lease = self._lease(self._fields(flat))
             if lease is not None:
                 leases.append(lease)
         return sorted(leases, key=lambda lease: lease.name)
@@ -281,31 +303,34 @@ class RedisAdapter(Adapter):
 
     def acquire(self, request: Request, timeout: Optional[float]) -> Optional[Lease]:
         """Wait in the name's queue: first come, first served, woken by the release."""
-        lease = self.try_acquire(request)
-        if lease is not None or timeout == 0:
-            return lease
+        if timeout == 0:
+            return self.try_acquire(request)
         name = request.name
         deadline = None if timeout is None else time.monotonic() + timeout
         signal = self._key("signal", name) + ":" + request.token
-        reachable = True
+        reachable, members = True, set()
+        lease: Optional[Lease] = None
+        poll, watched = POLL_MIN, (-1, -1)
         try:
             while True:
-                # Queue (or refresh our place) before trying, so that a release after
-                # the attempt finds us and pushes our wake-up.
-                self._run(
-                    f"wait for {name!r}",
-                    lambda: self._enqueue(keys=self._queue(name), args=[request.token, PATIENCE_MS]),
-                )
-                lease, turn_ends = self._try(request)
+                # One script: take the lock, or take (or keep) our place in the queue,
+                # so that a release after it finds us and pushes our wake-up.
+                lease, code, look_by, position, member = self._try(request, True)
                 if lease is not None:
                     return lease
+                members.add(member)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
-                bound = self._recheck_after(name, remaining)
-                if turn_ends is not None:
-                    # Look again when the waiter ahead of us must have taken the lock.
-                    bound = turn_ends if bound is None else min(bound, turn_ends)
+                bound = RECHECK if remaining is None else min(RECHECK, remaining)
+                if look_by >= 0:
+                    bound = min(bound, look_by)
+                if position <= 2:
+                    # Nothing pushes when the one ahead of us dies: watch it.
+                    if (code, position) != watched:
+                        poll, watched = POLL_MIN, (code, position)
+                    bound = min(bound, poll)
+                    poll = min(poll * 2, POLL_MAX)
                 self._block(name, signal, bound)
         except BrokerLockError:
             # The server is gone: our place lapses by itself, and trying to leave would
@@ -313,8 +338,8 @@ class RedisAdapter(Adapter):
             reachable = False
             raise
         finally:
-            if lease is None and reachable:
-                self._give_up(request)
+            if lease is None and reachable and members:
+                self._give_up(request, members)
 
     def _block(self, name: str, signal: str, timeout: Optional[float]) -> None:
         block = self._block_cap if timeout is None else min(timeout, self._block_cap)
@@ -325,24 +350,18 @@ class RedisAdapter(Adapter):
         block = max(0.001, math.ceil(block * 1000) / 1000)
         self._run(f"wait for {name!r}", lambda: self._client.blpop([signal], timeout=block))
 
-    def _give_up(self, request: Request) -> None:
+    def _give_up(self, request: Request, members: Set[str]) -> None:
         name = request.name
         try:
-            self._run(
-                f"leave the queue of {name!r}",
-                lambda: self._leave(
-                    keys=[self._key("lock", name), *self._queue(name)],
-                    args=[request.token, *self._wake_args(name)],
-                ),
-            )
+            for member in members:
+                self._script(
+                    f"leave the queue of {name!r}", self._leave,
+                    [self._key("lock", name), *self._queue(name)], [member, *self._wake_args(name)],
+                )
             self._client.delete(self._key("signal", name) + ":" + request.token)
         except (BrokerLockError, *self._errors) as exc:
             # Our place lapses by itself after PATIENCE_MS; the caller's error matters more.
             log.debug("could not leave the queue of %r: %s", name, exc)
-
-    def _recheck_after(self, name: str, remaining: Optional[float]) -> Optional[float]:
-        bound = super()._recheck_after(name, remaining)
-        return RECHECK if bound is None else min(bound, RECHECK)
 
     def close(self) -> None:
         if self._own_client:
