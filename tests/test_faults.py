@@ -117,12 +117,12 @@ def _not_two_holders(first: Any, second_got: bool) -> None:
 # -- SQLite ---------------------------------------------------------------------------
 
 
-
 @pytest.mark.parametrize("fault", ["deleted", "replaced"])
 def test_sqlite_database_deleted_or_replaced_while_held(fault: str, tmp_path: Path) -> None:
     path = tmp_path / "locks.sqlite3"
     url = f"sqlite:///{path}"
     first = _hold(url)
+    first_fence = first.fence
     if fault == "deleted":
         for leftover in tmp_path.glob("locks.sqlite3*"):
             leftover.unlink()
@@ -139,6 +139,8 @@ def test_sqlite_database_deleted_or_replaced_while_held(fault: str, tmp_path: Pa
     # The old holder must learn it lost the lock, not extend a lease in a ghost file.
     first_outcome, _ = bounded(first.extend)
     assert not (got and first_outcome == "ok"), "two holders after the database was " + fault
+    if got:  # fences keep growing in a store made anew (floored by the clock in µs)
+        assert second.fence is not None and first_fence is not None and second.fence > first_fence
     # Repaired (the store is simply the new file): everything works.
     if got:
         second.release()
@@ -235,6 +237,7 @@ def test_file_store_removed_while_held(fault: str, tmp_path: Path) -> None:
     second = BrokerLock.from_url(url).item("job", ttl="30s", timeout="1s")
     got = bounded(second.try_acquire)[0] == "ok" and second.acquired
     assert got
+    assert second.fence is not None and first.fence is not None and second.fence > first.fence
     _not_two_holders(first, got)
     assert bounded(first.release)[0] in ("ok", "lost")
     second.release()
@@ -483,8 +486,6 @@ def test_waiter_timeout_ignores_the_wall_clock(clocked: Tuple[JumpyClock, Any]) 
     with pytest.raises(LockTimeout):
         waiter.acquire()
     assert 1.4 < time.monotonic() - started < PROMPT
-
-
 
 
 @pytest.mark.parametrize(
