@@ -17,11 +17,12 @@ import ctypes
 import logging
 import os
 import threading
-from typing import Dict, Optional
+import time
+from typing import Callable, Dict, Optional, Tuple
 
 from ._wakeup import _IN_CLOEXEC, _IN_NONBLOCK, CLOSED, MODIFIED, InotifyWaiter, _libc
 from .adapters._files import O_CLOEXEC, O_NOFOLLOW, ensure_private_dir, open_private, write_at
-from .adapters.base import BackoffWaiter, Waiter
+from .adapters.base import BackoffWaiter, Lease, Waiter
 from .errors import BrokerLockError
 
 log = logging.getLogger("brokerlock")
@@ -31,6 +32,9 @@ _IN_MOVE_SELF = 0x800
 _RUNG = MODIFIED | _IN_DELETE_SELF | _IN_MOVE_SELF
 #: Without a bell to ring, a waiter polls; this caps its sleep.
 POLL_CAP = 0.1
+#: A waiter looks again at least this often, whatever it was told: a lost ring costs
+#: at most this much.
+SAFETY_NET = 1.0
 
 
 class _SharedInotifyWaiter(InotifyWaiter):
@@ -177,6 +181,31 @@ class Bells:
                 return BackoffWaiter(POLL_CAP)
             wanted[wd] = {b"": mask}
         return _SharedInotifyWaiter(fd, wanted)
+
+    def wait_turn(
+        self,
+        bell: Optional[str],
+        deadline: Optional[float],
+        clock: Callable[[], float],
+        step: Callable[[], Tuple[Optional[Lease], Optional[float], Optional[str]]],
+    ) -> Optional[Lease]:
+        """A queued waiter's loop: ``step()`` tries to take the lock and returns
+        ``(lease or None, when the current lease expires or None, a bell to ring or
+        None)``; between steps the waiter sleeps until its bell rings, the lease
+        expires, the safety net or the monotonic ``deadline`` (``None``: never)."""
+        with self.waiter(bell) as waiter:
+            while True:
+                lease, expires, wake = step()
+                self.ring(wake)
+                if lease is not None:
+                    return lease
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                bound = SAFETY_NET
+                if expires is not None:
+                    bound = min(bound, max(0.0, expires - clock()) + 0.001)
+                waiter.wait(bound if remaining is None else min(bound, remaining))
 
     def ring(self, bell: Optional[str]) -> None:
         """Wake the waiter of ``bell``; a bell that is gone has nobody left to wake."""

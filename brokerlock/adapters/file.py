@@ -231,24 +231,18 @@ class FileAdapter(Adapter):
             base = record if record is not None else {"name": name, "fence": 0, "token": None}
             return _expiry(record), {**base, "queue": queue}
 
+        def step() -> Tuple[Optional[Lease], Optional[float], Optional[str]]:
+            nonlocal wake
+            wake = None
+            outcome = self._update(name, "acquire", join_or_take)
+            if isinstance(outcome, Lease):
+                return outcome, None, wake
+            return None, outcome, wake
+
         taken: Optional[Lease] = None
         try:
-            with self._bells.waiter(bell) as waiter:
-                while True:
-                    outcome = self._update(name, "acquire", join_or_take)
-                    if wake is not None:
-                        self._bells.ring(wake)
-                        wake = None
-                    if isinstance(outcome, Lease):
-                        taken = outcome
-                        return taken
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        return None
-                    bound = 1.0  # the safety net: a lost bell costs at most this much
-                    if outcome is not None:
-                        bound = min(bound, max(0.0, outcome - self._clock()) + 0.001)
-                    waiter.wait(bound if remaining is None else min(bound, remaining))
+            taken = self._bells.wait_turn(bell, deadline, self._clock, step)
+            return taken
         finally:
             if taken is None:
                 self._leave(name, token)

@@ -340,19 +340,10 @@ class SQLiteAdapter(Adapter):
 
         taken: Optional[Lease] = None
         try:
-            with self._bells.waiter(bell) as waiter:
-                while True:
-                    taken, expires, wake = self._run(f"acquire {name!r}", step)
-                    self._bells.ring(wake)
-                    if taken is not None:
-                        return taken
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        return None
-                    bound = 1.0  # the safety net: a lost bell costs at most this much
-                    if expires is not None:
-                        bound = min(bound, max(0.0, expires - self._clock()) + 0.001)
-                    waiter.wait(bound if remaining is None else min(bound, remaining))
+            taken = self._bells.wait_turn(
+                bell, deadline, self._clock, lambda: self._run(f"acquire {name!r}", step)
+            )
+            return taken
         finally:
             if taken is None and ticket is not None:
                 gone = ticket
