@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, List, Tuple
 
 import pytest
 from actor import Actor
+from stores import needs_witness
 
 from brokerlock import BrokerLock, BrokerLockError, LockLost, LockTimeout, SQLiteAdapter
 from brokerlock.adapters.file import file_name
@@ -561,6 +562,7 @@ except Exception as exc:
             waiter.wait()
 
 
+@needs_witness
 @pytest.mark.parametrize("store", ["sqlite", "file"])
 def test_dead_holder_is_freed_at_once_whatever_the_clock(store: str, tmp_path: Path) -> None:
     """A holder killed while the contender's wall clock is an hour behind: its lease
