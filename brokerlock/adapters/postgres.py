@@ -16,11 +16,13 @@ lease (see ``_postgres_presence``).
 
 Waiters queue in ``<table>_queue``, first come first served (arrival by the server's
 clock; a dead process's waiters are skipped at once, a stalled one after
-``QUEUE_PATIENCE``), and a newcomer never overtakes them. Each waiter ``LISTEN``s on a
-channel of its own (named after its token); release, force-release and a departing
-waiter ``NOTIFY`` the head of the queue only, in the same statement, and the head takes
-the lock (and leaves the queue) in one more. A session that ends notifies nobody, so
-waiters also re-check when the current lease expires and at least every second.
+``QUEUE_PATIENCE``), and a newcomer never overtakes them. One statement takes the lock
+or takes (renews) the waiter's place in the queue. Each waiting thread ``LISTEN``s on a
+channel of its own, once, in a session it keeps (see ``_postgres_listen``); release,
+force-release and a departing waiter ``NOTIFY`` the head of the queue only, in the same
+statement, and the head takes the lock (and leaves the queue) in one more. A session
+that ends notifies nobody, so waiters also re-check when the current lease expires and
+at least every second.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Ty
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import BrokerLockError
+from ._postgres_listen import CHANNEL_PREFIX, Listeners
 from ._postgres_presence import presence_for
-from ._postgres_sql import ACQUIRE, ENQUEUE, EXTEND, FORCE, LEAVE, RELEASE, SCHEMA, SELECT
+from ._postgres_sql import ACQUIRE, EXTEND, FORCE, LEAVE, RELEASE, SCHEMA, SELECT
 from .base import Adapter, Lease, Request
 
 if TYPE_CHECKING:
@@ -48,9 +51,6 @@ T = TypeVar("T")
 
 #: Waiters look again at least this often, whatever they were told.
 RECHECK = 1.0
-#: A waiter LISTENs on this prefix + its token; only the waiter whose turn has come is
-#: notified, not the whole queue.
-CHANNEL_PREFIX = "brokerlock_"
 #: libpq settings we add unless the DSN sets them: fail fast on a server that does not
 #: answer, and notice a dead network instead of waiting on it for ever.
 CONNECT_DEFAULTS = {
@@ -137,18 +137,20 @@ class PostgresAdapter(Adapter):
 
         self._ident = ident = sql.Identifier(*parts)
         queue = sql.Identifier(*parts[:-1], parts[-1] + "_queue")
-        self._sql = {
+        composed = {
             key: sql.SQL(text).format(t=ident, q=queue)
             for key, text in (("acquire", ACQUIRE), ("release", RELEASE), ("force", FORCE),
-                              ("extend", EXTEND), ("schema", SCHEMA), ("enqueue", ENQUEUE),
-                              ("leave", LEAVE))
+                              ("extend", EXTEND), ("schema", SCHEMA), ("leave", LEAVE))
         }
-        self._sql["get"] = sql.SQL(SELECT).format(t=ident, where=sql.SQL("AND name = %(name)s"))
-        self._sql["list"] = sql.SQL(SELECT).format(t=ident, where=sql.SQL(""))
+        composed["get"] = sql.SQL(SELECT).format(t=ident, where=sql.SQL("AND name = %(name)s"))
+        composed["list"] = sql.SQL(SELECT).format(t=ident, where=sql.SQL(""))
+        # Rendered once (identifiers are plain ASCII), not on every execute.
+        self._sql: Dict[str, bytes] = {k: q.as_string(None).encode() for k, q in composed.items()}
         self._idle: List[psycopg.Connection[Any]] = []
         self._idle_mutex = threading.Lock()
         self._idle_pid = os.getpid()
         self._presence = presence_for(self._conninfo, self._connect)
+        self._listeners = Listeners(self._connect)
         self._run("create the lock table", self._setup)
 
     @staticmethod
@@ -255,69 +257,59 @@ class PostgresAdapter(Adapter):
         return self._try(request, None)[0]
 
     def acquire(self, request: Request, timeout: Optional[float]) -> Optional[Lease]:
-        """Wait in the name's queue: first come, first served, woken by a NOTIFY on a
-        channel of our own, which only the release that makes us the head sends."""
-        lease = self.try_acquire(request)
-        if lease is not None or timeout == 0:
-            return lease
+        """Take the lock, or a place in the name's queue and wait: first come, first
+        served, woken by a NOTIFY on our thread's channel, which only the release that
+        makes us the head sends."""
+        if timeout == 0:
+            return self.try_acquire(request)
         deadline = None if timeout is None else time.monotonic() + timeout
-        reachable = True
-        with _NotifyWaiter(self, request) as waiter:
-            try:
-                # Queue after LISTEN and before trying, so no release after the attempt
-                # goes unheard.
-                arrival = self._enqueue(request)
-                renewed = time.monotonic()
-                while True:
-                    lease, left = self._try(request, arrival)
-                    if lease is not None:
-                        return lease
-                    now = time.monotonic()
-                    remaining = None if deadline is None else deadline - now
-                    if remaining is not None and remaining <= 0:
-                        return None
-                    bound = RECHECK if remaining is None else min(RECHECK, remaining)
-                    if left is not None:
-                        # An expiring lease notifies nobody: look again when it ends.
-                        bound = min(bound, max(0.0, left) + 0.001)
-                    if not waiter.wait(bound) or now - renewed >= RECHECK:
-                        # Nothing came (or a while has passed): renew our place in the
-                        # queue, so that nobody takes us for a stalled waiter.
-                        arrival = self._enqueue(request)
-                        renewed = time.monotonic()
-            except BrokerLockError:
-                reachable = False  # our place lapses by itself; leaving would only delay the error
-                raise
-            finally:
-                if reachable and lease is None:
-                    self._leave(request)
-
-    def _enqueue(self, request: Request) -> Any:
-        action = f"wait for {request.name!r}"
         try:
-            holder = self._presence.current()
+            # LISTEN before the first attempt queues us, so no release after it goes unheard.
+            listener = self._listeners.mine()
         except self._psycopg.Error as exc:
-            raise self._error(action, exc) from None
-        params = {"name": request.name, "token": request.token, "holder": holder,
-                  "patience": QUEUE_PATIENCE}
-        row = self._run(action, lambda c: c.execute(self._sql["enqueue"], params).fetchone())
-        assert row is not None
-        return row[0]
-
-    def _leave(self, request: Request) -> None:
-        params = {"name": request.name, "token": request.token, "prefix": CHANNEL_PREFIX}
+            raise self._error(f"wait for {request.name!r}", exc) from None
+        member = listener.member(request.token)
+        arrival: Any = None
+        lease: Optional[Lease] = None
+        reachable = True
         try:
-            self._run(
-                f"leave the queue of {request.name!r}",
-                lambda c: c.execute(self._sql["leave"], params),
-            )
+            while True:
+                # One statement: take the lock, or take (or renew) our place in the queue.
+                lease, left, arrival = self._try(request, arrival, member)
+                if lease is not None:
+                    return lease
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                bound = RECHECK if remaining is None else min(RECHECK, remaining)
+                if left is not None:
+                    # An expiring lease notifies nobody: look again when it ends.
+                    bound = min(bound, max(0.0, left) + 0.001)
+                try:
+                    listener.wait(member, bound)
+                except self._psycopg.Error as exc:
+                    raise self._error(f"wait for {request.name!r}", exc) from None
+        except BrokerLockError:
+            reachable = False  # our place lapses by itself; leaving would only delay the error
+            raise
+        finally:
+            if reachable and lease is None and arrival is not None:
+                self._leave(request.name, member)
+
+    def _leave(self, name: str, member: str) -> None:
+        params = {"name": name, "member": member, "prefix": CHANNEL_PREFIX}
+        try:
+            self._run(f"leave the queue of {name!r}", lambda c: c.execute(self._sql["leave"], params))
         except BrokerLockError as exc:
             log.debug("%s", exc)  # our place lapses by itself after QUEUE_PATIENCE
 
-    def _try(self, request: Request, arrival: Any) -> Tuple[Optional[Lease], Optional[float]]:
-        """The lease, or ``None`` and the seconds left on the current lease (if known).
+    def _try(
+        self, request: Request, arrival: Any, member: Optional[str] = None
+    ) -> Tuple[Optional[Lease], Optional[float], Any]:
+        """The lease, or ``None``, the seconds left on the current lease (if known) and
+        our arrival in the queue (a waiter, ``member`` set, queues or renews its place).
 
-        A waiter (``arrival`` set) that takes the lock leaves the queue with it."""
+        A waiter that takes the lock leaves the queue with it."""
         action = f"acquire {request.name!r}"
         for _attempt in (1, 2):
             try:
@@ -327,25 +319,24 @@ class PostgresAdapter(Adapter):
             params = {
                 "name": request.name, "token": request.token, "ttl": request.ttl,
                 "host": request.host, "pid": request.pid, "thread": request.thread,
-                "holder": holder, "arrival": arrival,
+                "holder": holder, "arrival": arrival, "member": member,
+                "patience": QUEUE_PATIENCE,
             }
             row = self._run(action, functools.partial(self._attempt, params))
-            took, fence, acquired_at, expires_or_left, alive = row
+            took, fence, acquired_at, expires_or_left, alive, queued = row
             if took:
                 lease = Lease(
                     request.name, request.token, int(fence), acquired_at, expires_or_left,
                     request.host, request.pid, request.thread,
                 )
-                return lease, None
+                return lease, None, None
             if alive:
-                return None, expires_or_left
+                return None, expires_or_left, queued
             # Our presence session is gone (a server restart, a dropped connection):
-            # a row written under its key would be free for anyone, so get a new one,
-            # and move our place in the queue (if any) under it.
+            # a row written under its key would be free for anyone, so get a new one;
+            # the next attempt moves our place in the queue (if any) under it.
             log.warning("%s: presence session lost; opening a new one", self.server)
             self._presence.renew(holder)
-            if arrival is not None:
-                arrival = self._enqueue(request)
         raise self._error(action, RuntimeError("the presence session keeps failing"))
 
     def _attempt(self, params: Dict[str, Any], conn: psycopg.Connection[Any]) -> Tuple[Any, ...]:
@@ -392,46 +383,4 @@ class PostgresAdapter(Adapter):
             mine = self._idle_pid == os.getpid()
         for conn in idle if mine else []:
             conn.close()
-
-
-class _NotifyWaiter:
-    """A session of its own that LISTENs on the waiter's own channel while it waits.
-
-    Only this session listens on it, and it runs no statements meanwhile (attempts use
-    pooled sessions), so a notification that comes while an attempt runs stays in its
-    socket until the next :meth:`wait`.
-    """
-
-    def __init__(self, adapter: PostgresAdapter, request: Request) -> None:
-        from psycopg import sql
-
-        self._adapter = adapter
-        self._action = f"wait for {request.name!r}"
-        channel = sql.Identifier(CHANNEL_PREFIX + request.token)
-        try:
-            self._conn, _fresh = adapter._take()
-            self._conn.execute(sql.SQL("LISTEN {}").format(channel))
-        except adapter._psycopg.Error as exc:
-            raise adapter._error(self._action, exc) from None
-
-    def wait(self, timeout: float) -> bool:
-        """Block until notified (``True``) or ``timeout`` seconds have passed."""
-        if timeout <= 0:
-            return False
-        try:
-            for _notify in self._conn.notifies(timeout=timeout, stop_after=1):
-                return True
-        except self._adapter._psycopg.Error as exc:
-            raise self._adapter._error(self._action, exc) from None
-        return False
-
-    def __enter__(self) -> _NotifyWaiter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self._conn.execute("UNLISTEN *")
-        except self._adapter._psycopg.Error:
-            self._conn.close()
-            return
-        self._adapter._give(self._conn)
+        self._listeners.close()

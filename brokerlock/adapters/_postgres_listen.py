@@ -1,0 +1,121 @@
+"""Wake-ups of parked PostgreSQL waiters: one listening session per thread.
+
+A thread that waits for a lock for the first time opens a session of its own and
+``LISTEN``s on a channel with a random name; it keeps both for its life, so a later
+wait costs no ``LISTEN``/``UNLISTEN``. The thread's place in a queue names the channel
+(its member is ``<token>:<channel id>``), and the release that makes it the head
+``NOTIFY``s that channel with the member as payload; a notification for an earlier
+wait (another payload) is ignored. The session runs no other statements, so a
+notification that comes while an attempt runs stays in its socket until the next wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    import psycopg
+
+log = logging.getLogger("brokerlock")
+
+#: Channels are this prefix + the listener's id.
+CHANNEL_PREFIX = "brokerlock_"
+
+
+class Listener:
+    """One thread's listening session: LISTENs on one channel for the thread's life."""
+
+    def __init__(self, connect: Callable[[], psycopg.Connection[Any]]) -> None:
+        self._connect = connect
+        self.id = secrets.token_hex(8)
+        self.pid = os.getpid()
+        self.conn: Optional[psycopg.Connection[Any]] = None
+        self._open()
+
+    def _open(self) -> None:
+        conn = self._connect()
+        try:
+            conn.execute(f'LISTEN "{CHANNEL_PREFIX}{self.id}"')
+        except BaseException:
+            conn.close()
+            raise
+        self.conn = conn
+
+    def member(self, token: str) -> str:
+        """The queue member of a waiter with ``token`` that this listener wakes."""
+        return f"{token}:{self.id}"
+
+    def wait(self, member: str, timeout: float) -> bool:
+        """Block until ``member`` is notified (``True``) or ``timeout`` seconds pass.
+
+        A session that broke (a server restart) is opened anew on the same channel
+        once, so the waiter keeps its place in the queue; if that fails, the error
+        propagates.
+        """
+        if timeout <= 0:
+            return False
+        deadline = time.monotonic() + timeout
+        for attempt in (1, 2):
+            if self.conn is None or self.conn.closed:
+                self._open()
+            assert self.conn is not None
+            try:
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    for notify in self.conn.notifies(timeout=left, stop_after=1):
+                        if notify.payload == member:
+                            return True
+                        break  # a notification for an earlier wait of this thread
+                    else:
+                        return False
+            except Exception:  # nothing to tell at interpreter exit
+                conn, self.conn = self.conn, None
+                conn.close()
+                if attempt == 2:
+                    raise
+                log.debug("listening session broke; opening a new one")
+        return False
+
+    def __del__(self) -> None:  # the thread that owned it ended
+        try:
+            self.close()
+        except Exception:  # nothing to tell at interpreter exit
+            pass
+
+    def close(self) -> None:
+        if self.conn is not None and self.pid == os.getpid():
+            self.conn.close()
+        self.conn = None
+
+
+class Listeners:
+    """The listeners of one adapter, one per thread (none inherited through fork)."""
+
+    def __init__(self, connect: Callable[[], psycopg.Connection[Any]]) -> None:
+        self._connect = connect
+        self._local = threading.local()
+        # Weak: a thread that ends drops its listener, whose session then closes.
+        self._all: weakref.WeakSet[Listener] = weakref.WeakSet()
+        self._mutex = threading.Lock()
+
+    def mine(self) -> Listener:
+        listener: Optional[Listener] = getattr(self._local, "listener", None)
+        if listener is None or listener.pid != os.getpid():
+            listener = self._local.listener = Listener(self._connect)
+            with self._mutex:
+                self._all.add(listener)
+        return listener
+
+    def close(self) -> None:
+        with self._mutex:
+            listeners, self._all = list(self._all), weakref.WeakSet()
+        for listener in listeners:
+            listener.close()
