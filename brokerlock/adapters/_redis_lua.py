@@ -23,6 +23,7 @@ local function token_of(member) return string.match(member, '^[^|]*') end
 local function drop(queue, waiting, member)
     redis.call('ZREM', queue, member)
     redis.call('ZREM', waiting, member)
+    redis.call('HDEL', queue .. '|want', member)
 end
 -- The first live waiter and the one after it (either may be nil).
 local function head(queue, waiting, now_ms)
@@ -49,6 +50,7 @@ local function hurry(waiting, first, now_ms, grace)
     return deadline - now_ms
 end
 local function wake(queue, waiting, signals, ttl, grace)
+    if redis.call('EXISTS', queue) == 0 then return end
     local now_ms = math.floor(now_us() / 1000)
     local first = head(queue, waiting, now_ms)
     if first then
@@ -58,10 +60,38 @@ local function wake(queue, waiting, signals, ttl, grace)
         redis.call('PEXPIRE', key, ttl)
     end
 end
+-- Hand the free lock to the first live waiter that left its request, in this script,
+-- and push the lease onto its wake-up list; else wake it (or nobody) as before.
+local function grant(lock, fence_key, queue, waiting, signals, ttl, grace, name)
+    if redis.call('EXISTS', queue) == 0 then return end
+    local now = now_us()
+    local first = head(queue, waiting, math.floor(now / 1000))
+    if not first then return end
+    local want = redis.call('HGET', queue .. '|want', first)
+    if not want then return wake(queue, waiting, signals, ttl, grace) end
+    local w = cjson.decode(want)
+    local token = token_of(first)
+    local fence = math.max(tonumber(redis.call('GET', fence_key) or '0') + 1, now)
+    fence = string.format('%.0f', fence)
+    redis.call('SET', fence_key, fence)
+    local expires = ''
+    if w[1] ~= '' then expires = string.format('%.0f', now + tonumber(w[1]) * 1000) end
+    local acquired = string.format('%.0f', now)
+    redis.call('HSET', lock, 'name', name, 'token', token, 'fence', fence,
+        'acquired_us', acquired, 'expires_us', expires, 'host', w[2], 'pid', w[3],
+        'thread', w[4], 'presence', string.sub(first, string.len(token) + 2))
+    if w[1] ~= '' then redis.call('PEXPIRE', lock, w[1]) end
+    drop(queue, waiting, first)
+    local key = signals .. token
+    redis.call('DEL', key)
+    redis.call('RPUSH', key, fence .. ' ' .. acquired .. ' ' .. expires)
+    redis.call('PEXPIRE', key, ttl)
+end
 """
 
 # KEYS: lock, fence, queue, waiting. ARGV: token, ttl ms, name, host, pid, thread,
-# grace ms, presence, member, patience ms, queued ('1': wait in the queue if not taken).
+# grace ms, presence, member, patience ms, queued ('1': wait in the queue if not taken),
+# the request for a direct hand-over (JSON: ttl ms, host, pid, thread).
 # Returns the lease's {fence, acquired, expires} (strings), or three integers:
 # {0, ms left on the live holder's lease (-1: no ttl), position} when held,
 # {1, ms the waiter ahead has left to take it, position} when another's turn,
@@ -76,9 +106,11 @@ local function queue_up()
     local patience = tonumber(ARGV[10])
     redis.call('ZADD', KEYS[3], 'NX', now, member)
     redis.call('ZADD', KEYS[4], now_ms + patience, member)
-    for i = 3, 4 do
-        if redis.call('PTTL', KEYS[i]) < patience + 1000 then
-            redis.call('PEXPIRE', KEYS[i], patience + 1000)
+    local want = KEYS[3] .. '|want'
+    redis.call('HSET', want, member, ARGV[12])
+    for _, k in ipairs({KEYS[3], KEYS[4], want}) do
+        if redis.call('PTTL', k) < patience + 1000 then
+            redis.call('PEXPIRE', k, patience + 1000)
         end
     end
     local first, second = head(KEYS[3], KEYS[4], now_ms)
@@ -118,22 +150,27 @@ if ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return {fence, acquired, expires}
 """
 
-# KEYS: lock, queue, waiting. ARGV: member, signal key prefix, signal ttl, grace. A
-# waiter that gives up passes the wake-up on, so the queue behind it never stalls.
+# KEYS: lock, fence, queue, waiting. ARGV: member, signal key prefix, signal ttl, grace,
+# name. A waiter that gives up passes the lock or the wake-up on, so the queue behind it
+# never stalls; one that was handed the lock as it gave up releases it.
 LEAVE = QUEUE + """
-drop(KEYS[2], KEYS[3], ARGV[1])
+drop(KEYS[3], KEYS[4], ARGV[1])
 local held = redis.call('HMGET', KEYS[1], 'token', 'presence')
-if not held[1] or not alive(held[2]) then wake(KEYS[2], KEYS[3], ARGV[2], ARGV[3], ARGV[4]) end
+if held[1] == token_of(ARGV[1]) then redis.call('DEL', KEYS[1]); held = {} end
+if not held[1] or not alive(held[2]) then
+    grant(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+end
 """
 
-# KEYS: lock, queue, waiting. An expired lease's key is already gone, so "token
-# matches" also means "unexpired"; a lease whose presence ended was free for the
-# taking meanwhile, so it counts as lost too.
+# KEYS: lock, fence, queue, waiting. ARGV: token, signal key prefix, signal ttl, grace,
+# name. An expired lease's key is already gone, so "token matches" also means
+# "unexpired"; a lease whose presence ended was free for the taking meanwhile, so it
+# counts as lost too. The first live waiter gets the lock in this script.
 RELEASE = QUEUE + """
 local held = redis.call('HMGET', KEYS[1], 'token', 'presence')
 if held[1] ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
-wake(KEYS[2], KEYS[3], ARGV[2], ARGV[3], ARGV[4])
+grant(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
 if alive(held[2]) then return 1 end
 return 0
 """

@@ -14,10 +14,14 @@ Keys, all under the prefix (``brokerlock:`` by default):
     The waiters, first come first served: arrival time by the server's clock, and the
     deadline by which each must refresh its place. A newcomer never takes the lock
     while anyone waits ahead of it.
+``<prefix>queue:<name>|want``
+    Each waiter's request (ttl, host, pid, thread), for a direct hand-over.
 ``<prefix>signal:<name>:<token>``
-    One wake-up list per waiter. ``release`` and ``force_release`` push onto the list
-    of the first live waiter only, which blocks in ``BLPOP`` on it and takes the lock in
-    one script; a waiter that gives up passes the wake-up on.
+    One wake-up list per waiter, on which it blocks in ``BLPOP``. ``release`` hands the
+    lock to the first live waiter in its own script and pushes the lease onto that
+    waiter's list, so the waiter has the lock when ``BLPOP`` returns; ``force_release``
+    only wakes it. A waiter that gives up passes the lock or the wake-up on (and
+    releases a lock handed to it as it gave up).
 
 Each process keeps one presence connection subscribed to a random channel (see
 ``_redis_presence``) whose name it writes into its leases and queue places: a lease
@@ -30,6 +34,7 @@ quarter of a second), every waiter at the lease's expiry and at least every seco
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import time
@@ -237,7 +242,9 @@ class RedisAdapter(Adapter):
                 f"acquire {name!r}", self._acquire,
                 [self._key("lock", name), self._key("fence", name), *self._queue(name)],
                 [request.token, _ttl_ms(request.ttl), name, request.host, str(request.pid),
-                 request.thread, GRACE_MS, presence, member, PATIENCE_MS, "1" if queued else ""],
+                 request.thread, GRACE_MS, presence, member, PATIENCE_MS, "1" if queued else "",
+                 json.dumps([_ttl_ms(request.ttl), request.host, str(request.pid), request.thread])
+                 if queued else ""],
             )
             if isinstance(reply[0], int):
                 code, ms, position = (int(x) for x in reply)
@@ -260,7 +267,8 @@ class RedisAdapter(Adapter):
         released = self._run(
             f"release {name!r}",
             lambda: self._release(
-                keys=[self._key("lock", name), *self._queue(name)], args=[token, *self._wake_args(name)]
+                keys=[self._key("lock", name), self._key("fence", name), *self._queue(name)],
+                args=[token, *self._wake_args(name), name],
             ),
         )
         return bool(released)
@@ -331,7 +339,15 @@ class RedisAdapter(Adapter):
                         poll, watched = POLL_MIN, (code, position)
                     bound = min(bound, poll)
                     poll = min(poll * 2, POLL_MAX)
-                self._block(name, signal, bound)
+                granted = self._block(name, signal, bound)
+                if granted is not None:
+                    # The release handed us the lock in its own script.
+                    fence, acquired, expires = granted.split(" ")
+                    lease = Lease(
+                        name, request.token, int(fence), _seconds(acquired) or 0.0,
+                        _seconds(expires), request.host, request.pid, request.thread,
+                    )
+                    return lease
         except BrokerLockError:
             # The server is gone: our place lapses by itself, and trying to leave would
             # only delay the error by another timeout.
@@ -341,14 +357,20 @@ class RedisAdapter(Adapter):
             if lease is None and reachable and members:
                 self._give_up(request, members)
 
-    def _block(self, name: str, signal: str, timeout: Optional[float]) -> None:
+    def _block(self, name: str, signal: str, timeout: Optional[float]) -> Optional[str]:
+        """Wait for a wake-up; the lease (``"fence acquired expires"``) if it handed
+        us the lock."""
         block = self._block_cap if timeout is None else min(timeout, self._block_cap)
         if block <= 0:
-            return
+            return None
         # BLPOP reads its timeout in milliseconds and 0 means "forever": never send less
         # than one.
         block = max(0.001, math.ceil(block * 1000) / 1000)
-        self._run(f"wait for {name!r}", lambda: self._client.blpop([signal], timeout=block))
+        popped = self._run(f"wait for {name!r}", lambda: self._client.blpop([signal], timeout=block))
+        if not popped:
+            return None
+        value = _text(popped[1])
+        return value if " " in value else None
 
     def _give_up(self, request: Request, members: Set[str]) -> None:
         name = request.name
@@ -356,7 +378,8 @@ class RedisAdapter(Adapter):
             for member in members:
                 self._script(
                     f"leave the queue of {name!r}", self._leave,
-                    [self._key("lock", name), *self._queue(name)], [member, *self._wake_args(name)],
+                    [self._key("lock", name), self._key("fence", name), *self._queue(name)],
+                    [member, *self._wake_args(name), name],
                 )
             self._client.delete(self._key("signal", name) + ":" + request.token)
         except (BrokerLockError, *self._errors) as exc:
