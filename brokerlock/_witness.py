@@ -148,3 +148,16 @@ def witness_for(path: str) -> Witness:
         if witness is None:
             witness = _registry[key] = Witness(path)
         return witness
+
+
+def _after_fork_in_child() -> None:
+    # The child has one thread: a mutex another thread of the parent held at the fork
+    # would stay locked for ever. The witnesses themselves re-claim by pid check.
+    global _registry_mutex
+    _registry_mutex = threading.Lock()
+    for witness in _registry.values():
+        witness._mutex = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
