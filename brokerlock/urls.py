@@ -58,6 +58,8 @@ def adapter_from_url(url: str) -> Adapter:
             extra = parts.query or parts.fragment
             raise ValueError(f"store URL {url!r} has options ({extra!r}) we do not know")
         path = unquote(parts.path)
+        if "\x00" in path:
+            raise ValueError(f"store URL {url!r} names a path with a NUL character")
         if scheme == "sqlite":
             # sqlite:///rel.db -> "rel.db", sqlite:////abs.db -> "/abs.db" (SQLAlchemy's rule)
             path = path[1:] if path.startswith("/") else path

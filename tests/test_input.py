@@ -168,6 +168,7 @@ def test_memory_path_for_sqlite_is_refused() -> None:
         ("file://relative", "host"),
         ("sqlite:///", "no database"),
         ("nonsense", "unknown store URL"),
+        ("sqlite:///a%00b.db", "NUL character"),
     ],
 )
 def test_bad_urls(url: str, match: str) -> None:
