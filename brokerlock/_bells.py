@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Callable, Dict, Optional, Tuple
 
-from ._wakeup import _IN_CLOEXEC, _IN_NONBLOCK, CLOSED, MODIFIED, InotifyWaiter, _libc
+from ._wakeup import _IN_CLOEXEC, _IN_NONBLOCK, CLOSED, MODIFIED, InotifyWaiter, libc
 from .adapters._files import O_CLOEXEC, O_NOFOLLOW, ensure_private_dir, open_private, write_at
 from .adapters.base import BackoffWaiter, Lease, Waiter
 from .errors import BrokerLockError
@@ -75,8 +75,7 @@ def _thread_inotify() -> int:
     """This thread's inotify descriptor, made on first use (and anew after fork)."""
     held: Optional[_Descriptor] = getattr(_instance, "held", None)
     if held is None or held.pid != os.getpid():
-        assert _libc is not None
-        fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        fd = libc().inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
             log.debug("inotify unavailable (errno %d); polling instead", ctypes.get_errno())
             return -1
@@ -122,7 +121,7 @@ class Bells:
 
     def make(self) -> Optional[str]:
         """The calling thread's bell, or ``None`` where bells cannot wake anyone."""
-        if _libc is None:
+        if libc() is None:
             return None
         bells = getattr(_own, "bells", None)
         if bells is None:
@@ -169,14 +168,18 @@ class Bells:
 
     def waiter(self, bell: Optional[str]) -> Waiter:
         """Sleep until ``bell`` rings or a process of the store exits."""
-        if bell is None or _libc is None:
+        lib = libc()
+        if bell is None or lib is None:
             return BackoffWaiter(POLL_CAP)
         fd = _thread_inotify()
         if fd < 0:
             return BackoffWaiter(POLL_CAP)
         wanted = {}
-        for path, mask in ((self._path(bell), _RUNG), (self.witness_path, CLOSED)):
-            wd = _libc.inotify_add_watch(fd, os.fsencode(path), mask)
+        watches = [(self._path(bell), _RUNG)]
+        if os.path.exists(self.witness_path):  # (none where there is no witness)
+            watches.append((self.witness_path, CLOSED))
+        for path, mask in watches:
+            wd = lib.inotify_add_watch(fd, os.fsencode(path), mask)
             if wd < 0:
                 return BackoffWaiter(POLL_CAP)
             wanted[wd] = {b"": mask}

@@ -1,34 +1,26 @@
-"""Wake a waiter when a file it cares about changes: inotify on Linux, backoff elsewhere.
+"""The inotify primitives under the bells (see ``_bells``), Linux only.
 
 Waiting by sleeping makes every hand-over slow (filelock polls every 50 ms); inotify
-lets the kernel wake a waiter within microseconds of the holder's write, and a waiter
-blocked in ``poll()`` burns no CPU. Directories are watched rather than files, so a
-file that is replaced or created after the watch is set still counts.
+lets the kernel wake a waiter within microseconds of a write to the file it watches,
+and a waiter blocked in ``poll()`` burns no CPU.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import logging
 import os
 import select
 import struct
 import sys
 import time
-from typing import Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from ._platform import HAVE_INOTIFY
-from .adapters.base import BackoffWaiter, Waiter
-
-log = logging.getLogger("brokerlock")
+from .adapters.base import Waiter
 
 IN_MODIFY = 0x2
 IN_CLOSE_WRITE = 0x8
 IN_MOVED_TO = 0x80
-IN_CREATE = 0x100
 IN_DELETE = 0x200
-_MASK = IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE
 
 #: A file's content changed, or the file was replaced or removed.
 MODIFIED = IN_MODIFY | IN_MOVED_TO | IN_DELETE
@@ -38,14 +30,29 @@ _IN_NONBLOCK = 0o4000
 _IN_CLOEXEC = 0o2000000
 _EVENT = struct.Struct("iIII")
 
-_libc: Optional[ctypes.CDLL] = None
-if HAVE_INOTIFY:
-    try:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.inotify_init1.argtypes = [ctypes.c_int]
-        _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-    except (OSError, AttributeError):  # pragma: no cover - exotic libc
-        _libc = None
+_libc: Any = None
+_libc_loaded = False
+
+
+def libc() -> Any:
+    """The C library with inotify, loaded on first use (ctypes costs a cron job ~1 ms
+    of start-up, and an uncontended lock never waits); ``None`` where there is none."""
+    global _libc, _libc_loaded
+    if not _libc_loaded:
+        _libc_loaded = True
+        if HAVE_INOTIFY:
+            import ctypes
+
+            try:
+                # dlopen(NULL): the running program with its libc, glibc or musl alike,
+                # without ctypes.util.find_library (which would start a subprocess).
+                lib = ctypes.CDLL(None, use_errno=True)
+                lib.inotify_init1.argtypes = [ctypes.c_int]
+                lib.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+                _libc = lib
+            except (OSError, AttributeError):  # pragma: no cover - exotic libc
+                _libc = None
+    return _libc
 
 
 #: Wait up to ``ms`` milliseconds (None: forever) for one descriptor to become readable;
@@ -109,33 +116,3 @@ class InotifyWaiter(Waiter):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-def file_waiter(events: Mapping[str, int], fallback_cap: float = 0.1) -> Waiter:
-    """A waiter for ``{path: MODIFIED | CLOSED}``; a :class:`BackoffWaiter` where
-    inotify is not to be had.
-
-    Each path gets only the events asked for: waking on every close of a lock file
-    would let waiters that open it to look wake each other forever.
-    """
-    if _libc is None:
-        return BackoffWaiter(fallback_cap)
-    fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-    if fd < 0:
-        # Usually max_user_instances (128) is used up: degrade, do not fail the wait.
-        log.debug("inotify unavailable (errno %d); polling instead", ctypes.get_errno())
-        return BackoffWaiter(fallback_cap)
-    wanted: Dict[int, Dict[bytes, int]] = {}
-    by_dir: Dict[str, Dict[bytes, int]] = {}
-    for path, mask in events.items():
-        directory, base = os.path.split(os.path.abspath(path))
-        names = by_dir.setdefault(directory, {})
-        names[os.fsencode(base)] = names.get(os.fsencode(base), 0) | mask
-    for directory, names in by_dir.items():
-        wd = _libc.inotify_add_watch(fd, os.fsencode(directory), _MASK)
-        if wd < 0:
-            os.close(fd)
-            log.debug("inotify_add_watch(%s) failed; polling instead", directory)
-            return BackoffWaiter(fallback_cap)
-        wanted.setdefault(wd, {}).update(names)
-    return InotifyWaiter(fd, wanted)

@@ -19,9 +19,8 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
-from .._bells import Bells
 from .._platform import HAVE_FCNTL
 from .._witness import witness_for
 from ..errors import BrokerLockError
@@ -36,6 +35,9 @@ from ._files import (
     write_at,
 )
 from .base import Adapter, Lease, Request, clock_fence
+
+if TYPE_CHECKING:
+    from .._bells import Bells
 
 log = logging.getLogger("brokerlock")
 
@@ -73,11 +75,22 @@ class FileAdapter(Adapter):
         self.url = "file://" + self.directory
         self._clock = clock
         self._witness = witness_for(os.path.join(self.directory, "witness"))
-        self._bells = Bells(os.path.join(self.directory, "bells"), self._witness.path)
+        self._bells_dir = os.path.join(self.directory, "bells")
+        self._bells_made: Optional[Bells] = None
         self._paths: Dict[str, str] = {}
 
     def now(self) -> float:
         return self._clock()
+
+    @property
+    def _bells(self) -> Bells:
+        # Loaded when first needed (a wait, or a release with someone waiting): an
+        # uncontended cron job does not pay for inotify's ctypes at start-up.
+        if self._bells_made is None:
+            from .._bells import Bells
+
+            self._bells_made = Bells(self._bells_dir, self._witness.path)
+        return self._bells_made
 
     # -- one record under its flock ----------------------------------------------
     def _path(self, name: str) -> str:
@@ -257,7 +270,9 @@ class FileAdapter(Adapter):
             now = self._clock()
             return (None if self._holds(new, now) else self._head_bell(new, now)), new
 
-        self._bells.ring(self._update(name, "leave the queue of", change))
+        bell = self._update(name, "leave the queue of", change)
+        if bell:
+            self._bells.ring(bell)
 
     def _free(self, name: str, action: str, may: Callable[[Record], Any]) -> Any:
         """Clear the lease if ``may(record)`` says so, and ring the next waiter's bell.
@@ -274,7 +289,8 @@ class FileAdapter(Adapter):
             return (result, self._head_bell(new, self._clock())), new
 
         result, bell = self._update(name, action, change)
-        self._bells.ring(bell)
+        if bell:
+            self._bells.ring(bell)
         return result
 
     def release(self, name: str, token: str) -> bool:

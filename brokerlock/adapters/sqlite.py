@@ -19,14 +19,16 @@ import sqlite3
 import stat
 import threading
 import time
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
-from .._bells import Bells
 from .._witness import Witness, witness_for
 from ..errors import BrokerLockError
 from . import _sqlite_sql as sql
 from ._files import ensure_private_dir, open_private
 from .base import Adapter, Lease, Request, clock_fence
+
+if TYPE_CHECKING:
+    from .._bells import Bells
 
 log = logging.getLogger("brokerlock")
 
@@ -89,7 +91,8 @@ class SQLiteAdapter(Adapter):
         self._local = threading.local()
         _prepare_database_file(self.path)
         self._witness: Witness = witness_for(self.path + "-witness")
-        self._bells = Bells(self.path + "-bells", self._witness.path)
+        self._bells_dir = self.path + "-bells"
+        self._bells_made: Optional[Bells] = None
         self._run("open the database", lambda conn: None)
 
     # -- plumbing ---------------------------------------------------------------
@@ -217,6 +220,16 @@ class SQLiteAdapter(Adapter):
     def now(self) -> float:
         return self._clock()
 
+    @property
+    def _bells(self) -> Bells:
+        # Loaded when first needed (a wait, or a release with someone waiting): an
+        # uncontended cron job does not pay for inotify's ctypes at start-up.
+        if self._bells_made is None:
+            from .._bells import Bells
+
+            self._bells_made = Bells(self._bells_dir, self._witness.path)
+        return self._bells_made
+
     def _take(self, conn: sqlite3.Connection, params: Dict[str, Any], newcomer: bool) -> Optional[int]:
         """Take the lock if it is free or its holder dead; a newcomer only when no one
         is queued (a waiter has checked its turn itself)."""
@@ -272,7 +285,8 @@ class SQLiteAdapter(Adapter):
         if dead:
             conn.executemany("DELETE FROM brokerlock_waiters WHERE ticket = ?", [(t,) for t, _ in dead])
             for _, bell in dead:
-                self._bells.discard(bell)
+                if bell:
+                    self._bells.discard(bell)
 
     def _prune(self, conn: sqlite3.Connection, name: str, now: float) -> bool:
         """Drop waiters that died or vanished; whether there were any."""
@@ -377,7 +391,9 @@ class SQLiteAdapter(Adapter):
                     conn.execute("DELETE FROM brokerlock_waiters WHERE ticket = ?", (gone,))
                     return self._next_bell(conn, name)
 
-                self._bells.ring(self._run(f"leave the queue of {name!r}", leave))
+                bell = self._run(f"leave the queue of {name!r}", leave)
+                if bell:
+                    self._bells.ring(bell)
 
     def _free(self, name: str, token: str, action: str) -> Optional[Tuple[Any, ...]]:
         """Clear ``token``'s lease of ``name`` and ring the bell of the next waiter.
@@ -396,7 +412,8 @@ class SQLiteAdapter(Adapter):
             return row, self._next_bell(conn, name, freed=True)
 
         row, bell = self._run(f"{action} {name!r}", free)
-        self._bells.ring(bell)
+        if bell:
+            self._bells.ring(bell)
         return row  # type: ignore[no-any-return]
 
     def release(self, name: str, token: str) -> bool:
