@@ -27,8 +27,8 @@ Each process keeps one presence connection subscribed to a random channel (see
 ``_redis_presence``) whose name it writes into its leases and queue places: a lease
 whose channel has no subscriber belongs to a dead process and is free at once, and
 a dead waiter is skipped at once. Nothing pushes when a holder dies or a lease
-expires, so the first two waiters in line look again with a backoff (from 2 ms to a
-quarter of a second), every waiter at the lease's expiry and at least every second.
+expires, so the first two waiters in line look again with a backoff (from 2 ms to half
+a second), every waiter at the lease's expiry and at least every second.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ GRACE_MS = 100
 #: The first two waiters in line watch the one ahead of them (a holder or a waiter that
 #: may have died) from this interval, doubling up to POLL_MAX.
 POLL_MIN = 0.002
-POLL_MAX = 0.25
+POLL_MAX = 0.5
 
 def _driver() -> Any:
     try:
