@@ -27,6 +27,10 @@ from stores import needs_witness
 from brokerlock import BrokerLock, BrokerLockError, LockLost, LockTimeout, SQLiteAdapter
 from brokerlock.adapters.file import file_name
 
+pytestmark = pytest.mark.skipif(
+    sys.platform == "win32", reason="POSIX file modes, signals, mounts and fcntl stores"
+)
+
 #: No call may take longer than this (seconds) after a fault, whatever its timeout.
 PROMPT = 5.0
 

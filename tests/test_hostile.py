@@ -17,6 +17,7 @@ from typing import Any, Iterator, Set
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from stores import needs_flock
 
 from brokerlock import BrokerLock, FileAdapter, LockLost, MemoryAdapter, SQLiteAdapter
 from brokerlock.durations import MAX_SECONDS, parse_duration
@@ -50,7 +51,7 @@ def _tree(root: Path) -> Set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
-@pytest.fixture(params=["memory", "sqlite", "file", "redis", "postgres"])
+@pytest.fixture(params=["memory", "sqlite", pytest.param("file", marks=needs_flock), "redis", "postgres"])
 def hostile_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BrokerLock]:
     fresh = uuid.uuid4().hex[:12]
     if request.param == "memory":
@@ -96,6 +97,7 @@ def test_non_str_names_are_type_errors(name: Any) -> None:
         BrokerLock(MemoryAdapter()).item(name)
 
 
+@needs_flock
 def test_file_names_never_leave_the_directory(tmp_path: Path) -> None:
     """The file store on its own, with the nastiest path-like names."""
     directory = tmp_path / "store"

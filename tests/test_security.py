@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import stat
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -21,6 +22,8 @@ from actor import Actor
 
 from brokerlock import BrokerLock, BrokerLockError, FileAdapter, SQLiteAdapter
 from brokerlock._platform import HAVE_WITNESS
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes, symlinks and other users")
 
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root, to act as or chown to the user nobody")

@@ -8,6 +8,7 @@ with kills and pauses; see ``CI_PLAN``). ``pytest tests/chaos --chaos-seconds 60
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -18,7 +19,10 @@ from chaos_harness import Plan, run
 
 from brokerlock._platform import HAVE_WITNESS
 
-pytestmark = pytest.mark.chaos
+pytestmark = [
+    pytest.mark.chaos,
+    pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and SIGSTOP are POSIX"),
+]
 
 #: The bounded CI run per back end: (acquisitions at least, seconds at least, mean
 #: seconds between SIGKILLs). The server back ends pay a round trip per call, so they
