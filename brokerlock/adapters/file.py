@@ -19,11 +19,11 @@ import json
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._platform import HAVE_FCNTL
-from .._witness import witness_for
 from ..errors import BrokerLockError
+from ._embedded import EmbeddedStore
 from ._files import (
     NO_FLOCK,
     O_CLOEXEC,
@@ -34,10 +34,7 @@ from ._files import (
     read_at,
     write_at,
 )
-from .base import Adapter, Lease, Request, clock_fence
-
-if TYPE_CHECKING:
-    from .._bells import Bells
+from .base import Lease, Request, clock_fence
 
 log = logging.getLogger("brokerlock")
 
@@ -62,7 +59,7 @@ def file_name(name: str) -> str:
     return hashlib.sha256(name.encode("utf-8")).hexdigest()[:40] + _SUFFIX
 
 
-class FileAdapter(Adapter):
+class FileAdapter(EmbeddedStore):
     def __init__(
         self, directory: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
     ) -> None:
@@ -73,24 +70,10 @@ class FileAdapter(Adapter):
             raise ValueError(f"FileAdapter needs a directory path, not {directory!r}")
         self.directory = ensure_private_dir(directory)
         self.url = "file://" + self.directory
-        self._clock = clock
-        self._witness = witness_for(os.path.join(self.directory, "witness"))
-        self._bells_dir = os.path.join(self.directory, "bells")
-        self._bells_made: Optional[Bells] = None
+        super().__init__(
+            os.path.join(self.directory, "witness"), os.path.join(self.directory, "bells"), clock
+        )
         self._paths: Dict[str, str] = {}
-
-    def now(self) -> float:
-        return self._clock()
-
-    @property
-    def _bells(self) -> Bells:
-        # Loaded when first needed (a wait, or a release with someone waiting): an
-        # uncontended cron job does not pay for inotify's ctypes at start-up.
-        if self._bells_made is None:
-            from .._bells import Bells
-
-            self._bells_made = Bells(self._bells_dir, self._witness.path)
-        return self._bells_made
 
     # -- one record under its flock ----------------------------------------------
     def _path(self, name: str) -> str:

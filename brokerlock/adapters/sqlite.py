@@ -19,16 +19,13 @@ import sqlite3
 import stat
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
-from .._witness import Witness, witness_for
 from ..errors import BrokerLockError
 from . import _sqlite_sql as sql
+from ._embedded import EmbeddedStore
 from ._files import ensure_private_dir, open_private
-from .base import Adapter, Lease, Request, clock_fence
-
-if TYPE_CHECKING:
-    from .._bells import Bells
+from .base import Lease, Request, clock_fence
 
 log = logging.getLogger("brokerlock")
 
@@ -73,7 +70,7 @@ def _prepare_database_file(path: str) -> None:
         raise BrokerLockError(f"cannot use database {path}: it is not a regular file")
 
 
-class SQLiteAdapter(Adapter):
+class SQLiteAdapter(EmbeddedStore):
     def __init__(
         self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
     ) -> None:
@@ -87,12 +84,9 @@ class SQLiteAdapter(Adapter):
         directory = ensure_private_dir(directory)
         self.path = os.path.join(os.path.realpath(directory), base)
         self.url = "sqlite:///" + self.path
-        self._clock = clock
         self._local = threading.local()
         _prepare_database_file(self.path)
-        self._witness: Witness = witness_for(self.path + "-witness")
-        self._bells_dir = self.path + "-bells"
-        self._bells_made: Optional[Bells] = None
+        super().__init__(self.path + "-witness", self.path + "-bells", clock)
         self._run("open the database", lambda conn: None)
 
     # -- plumbing ---------------------------------------------------------------
@@ -217,19 +211,6 @@ class SQLiteAdapter(Adapter):
         return Lease(name, token, fence, acquired_at, expires_at, host, pid, thread)
 
     # -- the contract -----------------------------------------------------------
-    def now(self) -> float:
-        return self._clock()
-
-    @property
-    def _bells(self) -> Bells:
-        # Loaded when first needed (a wait, or a release with someone waiting): an
-        # uncontended cron job does not pay for inotify's ctypes at start-up.
-        if self._bells_made is None:
-            from .._bells import Bells
-
-            self._bells_made = Bells(self._bells_dir, self._witness.path)
-        return self._bells_made
-
     def _take(self, conn: sqlite3.Connection, params: Dict[str, Any], newcomer: bool) -> Optional[int]:
         """Take the lock if it is free or its holder dead; a newcomer only when no one
         is queued (a waiter has checked its turn itself)."""
