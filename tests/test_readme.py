@@ -25,8 +25,12 @@ def python_blocks() -> List[str]:
     return blocks
 
 
-#: Examples that need a Redis or PostgreSQL server run in tests/test_servers.py.
-LOCAL = [b for b in python_blocks() if not re.search(r"redis|postgres", b, re.I)]
+def needs_server(code: str) -> bool:
+    """Examples that need a Redis or PostgreSQL server run in tests/test_servers.py."""
+    return re.search(r"redis|postgres", code, re.I) is not None
+
+
+LOCAL = [b for b in python_blocks() if not needs_server(b)]
 
 
 def test_readme_has_examples() -> None:

@@ -6,7 +6,6 @@ Every test runs against the private servers of ``tests/servers.py``; nothing is 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from typing import Any, Iterator, List, Tuple
 import pytest
 from servers import PostgresServer, RedisServer, free_port
 from stores import STORES
+from test_readme import needs_server, python_blocks
 
 from brokerlock import Adapter, BrokerLock, BrokerLockError, LockLost
 
@@ -309,18 +309,7 @@ def test_prefixes_are_separate_stores(redis_server: RedisServer) -> None:
 
 
 def readme_server_blocks() -> List[str]:
-    blocks, lines = [], README.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if line.strip() == ".. code-block:: python":
-            body = []
-            for following in lines[i + 2 :]:
-                if following and not following.startswith("    "):
-                    break
-                body.append(following[4:])
-            code = "\n".join(body).strip() + "\n"
-            if re.search(r"redis|postgres", code, re.I):
-                blocks.append(code)
-    return blocks
+    return [code for code in python_blocks() if needs_server(code)]
 
 
 def test_readme_server_examples_run(
