@@ -589,3 +589,28 @@ def test_dead_holder_is_freed_at_once_whatever_the_clock(store: str, tmp_path: P
     # The actor is killed on leaving the block.
     assert bounded(item.acquire)[0] == "ok"
     item.release()
+
+
+def test_sqlite_writer_stopped_mid_transaction_does_not_stretch_a_timeout(tmp_path: Path) -> None:
+    """A process that holds SQLite's write lock (stopped mid-transaction) makes the store
+    busy: a wait still ends at its timeout, and a one-shot try reports the busy store."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path}/locks.sqlite3"
+    BrokerLock.from_url(url).item("warm-up").try_acquire()  # creates the schema
+    wedge = sqlite3.connect(str(tmp_path / "locks.sqlite3"), isolation_level=None)
+    wedge.execute("BEGIN IMMEDIATE")  # the write lock, held like a stopped writer would
+    try:
+        item = BrokerLock.from_url(url).item("job", timeout="300ms")
+        started = time.monotonic()
+        with pytest.raises(LockTimeout):
+            item.acquire()
+        assert time.monotonic() - started < 2
+        started = time.monotonic()
+        with pytest.raises(BrokerLockError, match="locked"):
+            BrokerLock.from_url(url).item("job").try_acquire()
+        assert time.monotonic() - started < 3
+    finally:
+        wedge.execute("ROLLBACK")
+        wedge.close()
+    assert BrokerLock.from_url(url).item("job", timeout="1s").try_acquire() is not None

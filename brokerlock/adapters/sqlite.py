@@ -30,6 +30,10 @@ from .base import Lease, Request, clock_fence
 log = logging.getLogger("brokerlock")
 
 
+class _OutOfTime(Exception):
+    """The store stayed busy until the caller's wait was over: a timeout, not a fault."""
+
+
 def _busy(exc: sqlite3.OperationalError) -> bool:
     message = str(exc).lower()
     return "locked" in message or "busy" in message
@@ -157,8 +161,11 @@ class SQLiteAdapter(EmbeddedStore):
                 time.sleep(delay)
                 delay = min(delay * 2, 0.1)
 
-    def _run(self, action: str, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run ``fn`` on this thread's connection; retry it while SQLite is busy.
+    def _run(
+        self, action: str, fn: Callable[[sqlite3.Connection], Any], deadline: Optional[float] = None
+    ) -> Any:
+        """Run ``fn`` on this thread's connection; retry it while SQLite is busy, for up
+        to BUSY_TIMEOUT or until the monotonic ``deadline`` of the caller's wait.
 
         SQLite's own busy handler sleeps 1, 2, 5, 10... ms between tries: each time two
         writers meet, a hand-over would cost milliseconds. Our writers hold the write
@@ -175,7 +182,10 @@ class SQLiteAdapter(EmbeddedStore):
                 if not _busy(exc):
                     self._fail(action, exc)
                 now = time.monotonic()
-                give_up = give_up or now + BUSY_TIMEOUT
+                if not give_up:
+                    give_up = now + BUSY_TIMEOUT
+                if deadline is not None and now > deadline:
+                    raise _OutOfTime from None
                 if now > give_up:
                     self._fail(action, exc)
                 time.sleep(delay * random.uniform(0.5, 1.5))
@@ -235,6 +245,17 @@ class SQLiteAdapter(EmbeddedStore):
         )
 
     def try_acquire(self, request: Request) -> Optional[Lease]:
+        # One attempt; a store that stays busy (a writer stopped mid-transaction) is
+        # reported after a second rather than waited for.
+        try:
+            return self._try_acquire(request, time.monotonic() + 1.0)
+        except _OutOfTime:
+            raise BrokerLockError(
+                f"{self.url}: could not acquire {request.name!r}: database is locked"
+            ) from None
+
+    def _try_acquire(self, request: Request, deadline: Optional[float]) -> Optional[Lease]:
+        """One attempt; ``_OutOfTime`` if the store stays busy past ``deadline``."""
         params = self._params(request)
 
         def attempt(conn: sqlite3.Connection) -> Optional[int]:
@@ -243,7 +264,7 @@ class SQLiteAdapter(EmbeddedStore):
                 fence = self._take(conn, params, newcomer=True)
             return fence
 
-        return self._granted(request, params, self._run(f"acquire {request.name!r}", attempt))
+        return self._granted(request, params, self._run(f"acquire {request.name!r}", attempt, deadline))
 
     def _head(
         self, conn: sqlite3.Connection, name: str, now: float
@@ -302,10 +323,15 @@ class SQLiteAdapter(EmbeddedStore):
         queue's head, woken by its bell (see ``_bells``). Waiters look with reads, which
         never block in WAL mode, and write only when it is their turn, so a crowd of
         waiters does not fight over SQLite's write lock."""
-        lease = self.try_acquire(request)
-        if lease is not None or timeout == 0:
-            return lease
+        if timeout == 0:
+            return self.try_acquire(request)
         deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            lease = self._try_acquire(request, deadline)
+        except _OutOfTime:  # the store stayed busy until the wait was over
+            return None
+        if lease is not None:
+            return lease
         name, token = request.name, request.token
         witness = self._witness.mine()  # also creates the witness file the waiter watches
         bell = self._bells.make()
@@ -361,9 +387,11 @@ class SQLiteAdapter(EmbeddedStore):
         taken: Optional[Lease] = None
         try:
             taken = self._bells.wait_turn(
-                bell, deadline, self._clock, lambda: self._run(f"acquire {name!r}", step)
+                bell, deadline, self._clock, lambda: self._run(f"acquire {name!r}", step, deadline)
             )
             return taken
+        except _OutOfTime:
+            return None
         finally:
             if taken is None and ticket is not None:
                 gone = ticket
