@@ -122,7 +122,22 @@ class LeakyFlock(Flock):
             fcntl.flock(self.fd, fcntl.LOCK_EX)
 
 
-class FileLockPeer:
+class _Wrapped:
+    """A peer library's lock object in ``self.lock``, driven through our Lock protocol."""
+
+    lock: Any
+
+    def acquire(self) -> None:
+        self.lock.acquire()
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def close(self) -> None:
+        pass
+
+
+class FileLockPeer(_Wrapped):
     """tox-dev/filelock with its defaults (polls every 50 ms)."""
 
     def __init__(self, env: Env, name: str) -> None:
@@ -130,17 +145,8 @@ class FileLockPeer:
 
         self.lock = filelock.FileLock(_path(env, "filelock", name + ".lock"), timeout=ACQUIRE_TIMEOUT)
 
-    def acquire(self) -> None:
-        self.lock.acquire()
 
-    def release(self) -> None:
-        self.lock.release()
-
-    def close(self) -> None:
-        pass
-
-
-class PortalockerPeer:
+class PortalockerPeer(_Wrapped):
     """portalocker.Lock with its defaults (polls every 250 ms)."""
 
     def __init__(self, env: Env, name: str) -> None:
@@ -148,17 +154,8 @@ class PortalockerPeer:
 
         self.lock = portalocker.Lock(_path(env, "portalocker", name + ".lock"), timeout=ACQUIRE_TIMEOUT)
 
-    def acquire(self) -> None:
-        self.lock.acquire()
 
-    def release(self) -> None:
-        self.lock.release()
-
-    def close(self) -> None:
-        pass
-
-
-class FastenersPeer:
+class FastenersPeer(_Wrapped):
     """fasteners.InterProcessLock with its defaults (polls from 10 ms backing off to 100 ms)."""
 
     def __init__(self, env: Env, name: str) -> None:
@@ -169,12 +166,6 @@ class FastenersPeer:
     def acquire(self) -> None:
         if not self.lock.acquire(timeout=ACQUIRE_TIMEOUT):
             raise TimeoutError("fasteners: not acquired")
-
-    def release(self) -> None:
-        self.lock.release()
-
-    def close(self) -> None:
-        pass
 
 
 # -- SQLite ---------------------------------------------------------------------------
@@ -237,7 +228,7 @@ def _redis(env: Env) -> Any:
     return redis.Redis.from_url(env.redis_url or "")
 
 
-class RedisPyLock:
+class RedisPyLock(_Wrapped):
     """redis-py's ``Redis.lock()`` with its defaults (polls every 100 ms)."""
 
     def __init__(self, env: Env, name: str) -> None:
@@ -248,14 +239,11 @@ class RedisPyLock:
         if not self.lock.acquire():
             raise TimeoutError("redis-py: not acquired")
 
-    def release(self) -> None:
-        self.lock.release()
-
     def close(self) -> None:
         self.client.close()
 
 
-class PythonRedisLock:
+class PythonRedisLock(_Wrapped):
     """ionelmc's python-redis-lock (module ``redis_lock``): BLPOP wake-ups."""
 
     def __init__(self, env: Env, name: str) -> None:
@@ -267,9 +255,6 @@ class PythonRedisLock:
     def acquire(self) -> None:
         if not self.lock.acquire(timeout=ACQUIRE_TIMEOUT):
             raise TimeoutError("python-redis-lock: not acquired")
-
-    def release(self) -> None:
-        self.lock.release()
 
     def close(self) -> None:
         self.client.close()
