@@ -20,7 +20,6 @@ from .adapters.base import Adapter, Lease, Request
 from .durations import Duration, format_duration, parse_duration
 from .errors import BrokerLockError, LockLost, LockTimeout
 from .names import validate_name
-from .renewer import MAX_RETRY_DELAY, RENEW_AT, renewer
 
 log = logging.getLogger("brokerlock")
 
@@ -61,6 +60,7 @@ class Hold:
 
     def renew(self) -> Optional[float]:
         """Extend the lease once, for the renewer; the next due time, or ``None``."""
+        from .renewer import MAX_RETRY_DELAY, RENEW_AT
         assert self.ttl is not None
         with self.mutex:
             if self.finished:
@@ -233,6 +233,8 @@ class BrokerLockItem:
         hold = Hold(self, lease, asked, self.keepalive if keepalive is None else keepalive)
         self._local.hold, self._local.last = hold, None
         if hold.keepalive:
+            from .renewer import renewer  # loaded with the first kept-alive hold
+
             renewer().add(hold)
         log.debug(
             "acquired %r fence %d after %.6fs on %s",
