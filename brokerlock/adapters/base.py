@@ -16,8 +16,6 @@ import threading
 import time
 from typing import List, NamedTuple, Optional
 
-from ..errors import BrokerLockError
-
 
 def _hostname() -> str:
     # os.uname() instead of the socket module: importing socket costs a cron job ~2 ms.
@@ -200,10 +198,3 @@ class BackoffWaiter(Waiter):
             delay = min(delay, timeout)
         self._delay = min(self._delay * 2, self._cap)
         time.sleep(max(0.0, delay))
-
-
-def store_error(url: str, action: str, exc: BaseException) -> BrokerLockError:
-    """A :class:`BrokerLockError` that names the store and what failed."""
-    return BrokerLockError(f"{url}: could not {action}: {exc}")
-
-

@@ -153,7 +153,11 @@ class FileAdapter(EmbeddedStore):
             if isinstance(e, list) and len(e) == 4 and e[2] > now and self._witness.is_alive(e[1])
         ]
 
-    def _take(self, record: Optional[Record], request: Request, now: float) -> Tuple[Lease, Record]:
+    def _take(
+        self, record: Optional[Record], request: Request, now: float, queue: List[List[Any]]
+    ) -> Tuple[Lease, Record]:
+        """The record after ``request`` took the lock; ``queue`` is the live queue, as the
+        caller already found it."""
         new = {
             "name": request.name,
             "token": request.token,
@@ -164,7 +168,7 @@ class FileAdapter(EmbeddedStore):
             "pid": request.pid,
             "thread": request.thread,
             "witness": self._witness.mine(),
-            "queue": [e for e in self._queue(record, now) if e[0] != request.token],
+            "queue": [e for e in queue if e[0] != request.token],
         }
         return self._lease(new), new
 
@@ -180,7 +184,7 @@ class FileAdapter(EmbeddedStore):
             # A newcomer never overtakes a waiter: free means no holder and no queue.
             if self._holds(record, now) or self._queue(record, now):
                 return None, None
-            return self._take(record, request, now)
+            return self._take(record, request, now, [])
 
         return self._update(request.name, "acquire", change)  # type: ignore[no-any-return]
 
@@ -209,7 +213,7 @@ class FileAdapter(EmbeddedStore):
             queue = self._queue(record, now)
             free = not self._holds(record, now)
             if free and (not queue or queue[0][0] == token):
-                return self._take(record, request, now)
+                return self._take(record, request, now, queue)
             changed = record is None or len(queue) != len(record.get("queue") or [])
             if changed and free and queue:
                 wake = queue[0][3]  # dead waiters were dropped: tell the new head
