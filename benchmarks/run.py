@@ -175,6 +175,10 @@ def startup(workdir: str, runs: int) -> Dict[str, Any]:
     py = sys.executable
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    # An installed package runs from bytecode (pip compiles it at install time); a
+    # checkout under PYTHONDONTWRITEBYTECODE would compile every module on every run
+    # and time the compiler, not the lock. So let the warm-up runs write .pyc files.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     # The CLI's default store is in the user's home: point it at a scratch store.
     env["BROKERLOCK_URL"] = "sqlite:///" + os.path.join(workdir, "cli.sqlite3")
     commands: Dict[str, Optional[List[str]]] = {
