@@ -3,10 +3,11 @@
 A thread that waits for a lock for the first time opens a session of its own and
 ``LISTEN``s on a channel with a random name; it keeps both for its life, so a later
 wait costs no ``LISTEN``/``UNLISTEN``. The thread's place in a queue names the channel
-(its member is ``<token>:<channel id>``), and the release that makes it the head
-``NOTIFY``s that channel with the member as payload; a notification for an earlier
-wait (another payload) is ignored. The session runs no other statements, so a
-notification that comes while an attempt runs stays in its socket until the next wait.
+(its member is ``<token>:<channel id>``). The release that hands the lock to it
+``NOTIFY``s that channel with ``<member>|<lease>``; a waiter that may take a free lock
+is woken with the bare member. A notification for an earlier wait (another member) is
+ignored. The session runs no other statements, so a notification that comes while an
+attempt runs stays in its socket until the next wait.
 """
 
 from __future__ import annotations
@@ -51,15 +52,16 @@ class Listener:
         """The queue member of a waiter with ``token`` that this listener wakes."""
         return f"{token}:{self.id}"
 
-    def wait(self, member: str, timeout: float) -> bool:
-        """Block until ``member`` is notified (``True``) or ``timeout`` seconds pass.
+    def wait(self, member: str, timeout: float) -> Optional[str]:
+        """Block until ``member`` is notified (its payload) or ``timeout`` seconds pass
+        (``None``).
 
         A session that broke (a server restart) is opened anew on the same channel
         once, so the waiter keeps its place in the queue; if that fails, the error
         propagates.
         """
         if timeout <= 0:
-            return False
+            return None
         deadline = time.monotonic() + timeout
         for attempt in (1, 2):
             if self.conn is None or self.conn.closed:
@@ -69,20 +71,21 @@ class Listener:
                 while True:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        return False
+                        return None
                     for notify in self.conn.notifies(timeout=left, stop_after=1):
-                        if notify.payload == member:
-                            return True
+                        payload = notify.payload
+                        if payload.startswith(member) and payload[len(member):len(member) + 1] in ("", "|"):
+                            return payload
                         break  # a notification for an earlier wait of this thread
                     else:
-                        return False
+                        return None
             except Exception:  # nothing to tell at interpreter exit
                 conn, self.conn = self.conn, None
                 conn.close()
                 if attempt == 2:
                     raise
                 log.debug("listening session broke; opening a new one")
-        return False
+        return None
 
     def __del__(self) -> None:  # the thread that owned it ended
         try:

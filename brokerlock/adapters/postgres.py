@@ -18,28 +18,28 @@ Waiters queue in ``<table>_queue``, first come first served (arrival by the serv
 clock; a dead process's waiters are skipped at once, a stalled one after
 ``QUEUE_PATIENCE``), and a newcomer never overtakes them. One statement takes the lock
 or takes (renews) the waiter's place in the queue. Each waiting thread ``LISTEN``s on a
-channel of its own, once, in a session it keeps (see ``_postgres_listen``); release,
-force-release and a departing waiter ``NOTIFY`` the head of the queue only, in the same
-statement, and the head takes the lock (and leaves the queue) in one more. A session
-that ends notifies nobody, so waiters also re-check when the current lease expires and
-at least every second.
+channel of its own, once, in a session it keeps (see ``_postgres_listen``). Release and
+force-release hand the lock straight to the head of the queue, in their own statement,
+and ``NOTIFY`` the head with its lease: the woken waiter returns without another round
+trip. A waiter that leaves (timed out) keeps a lock handed to it just before; one that
+is interrupted passes it on. A session that ends notifies nobody, and a waiter handed
+the lock may die before it learns so, so waiters also re-check when the current lease
+expires and at least every second.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import re
-import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import BrokerLockError
+from . import _postgres_sql as statements
 from ._postgres_listen import CHANNEL_PREFIX, Listeners
+from ._postgres_pool import Pool, Prepared, flag, number, text
 from ._postgres_presence import presence_for
-from ._postgres_sql import ACQUIRE, EXTEND, FORCE, LEAVE, RELEASE, SCHEMA, SELECT
 from .base import Adapter, Lease, Request
 
 if TYPE_CHECKING:
@@ -65,8 +65,6 @@ CONNECT_DEFAULTS = {
 #: A queued waiter that has not renewed its place for this many seconds is skipped (it
 #: stalled; a dead process's waiters are skipped at once, as their session ended).
 QUEUE_PATIENCE = 5.0
-#: Idle connections kept per adapter for reuse; more are closed when handed back.
-MAX_IDLE = 8
 #: The advisory lock that serialises table creation between clients starting at once.
 SCHEMA_LOCK = 0x62726F6B65726C6B  # "brokerlk"
 
@@ -137,18 +135,24 @@ class PostgresAdapter(Adapter):
 
         self._ident = ident = sql.Identifier(*parts)
         queue = sql.Identifier(*parts[:-1], parts[-1] + "_queue")
-        composed = {
-            key: sql.SQL(text).format(t=ident, q=queue)
-            for key, text in (("acquire", ACQUIRE), ("release", RELEASE), ("force", FORCE),
-                              ("extend", EXTEND), ("schema", SCHEMA), ("leave", LEAVE))
+
+        def render(text: str, **extra: Any) -> bytes:
+            # Once (identifiers are plain ASCII), not on every execute.
+            return sql.SQL(text).format(t=ident, q=queue, **extra).as_string(None).encode()
+
+        self._sql: Dict[str, bytes] = {
+            "extend": render(statements.EXTEND),
+            "schema": render(statements.SCHEMA),
+            "migrate": render(statements.MIGRATE),
+            "get": render(statements.SELECT, where=sql.SQL("AND name = %(name)s")),
+            "list": render(statements.SELECT, where=sql.SQL("")),
         }
-        composed["get"] = sql.SQL(SELECT).format(t=ident, where=sql.SQL("AND name = %(name)s"))
-        composed["list"] = sql.SQL(SELECT).format(t=ident, where=sql.SQL(""))
-        # Rendered once (identifiers are plain ASCII), not on every execute.
-        self._sql: Dict[str, bytes] = {k: q.as_string(None).encode() for k, q in composed.items()}
-        self._idle: List[psycopg.Connection[Any]] = []
-        self._idle_mutex = threading.Lock()
-        self._idle_pid = os.getpid()
+        # The statements of every acquire and release, run the lean way (_postgres_pool).
+        self._hot: Dict[str, Prepared] = {
+            key: Prepared(key, render(getattr(statements, key.upper())))
+            for key in ("acquire", "retry", "release", "force", "leave", "mine")
+        }
+        self._pool = Pool(self._connect, self.server)
         self._presence = presence_for(self._conninfo, self._connect)
         self._listeners = Listeners(self._connect)
         self._run("create the lock table", self._setup)
@@ -181,63 +185,22 @@ class PostgresAdapter(Adapter):
         conn: psycopg.Connection[Any] = self._psycopg.connect(self._conninfo, autocommit=True)
         return conn
 
-    def _take(self) -> Tuple[psycopg.Connection[Any], bool]:
-        """An idle connection (``False``) or a new one (``True``)."""
-        with self._idle_mutex:
-            if self._idle_pid != os.getpid():
-                # Inherited across fork(): the parent's sessions, never to be used here.
-                self._idle, self._idle_pid = [], os.getpid()
-            if self._idle:
-                return self._idle.pop(), False
-        return self._connect(), True
-
-    def _give(self, conn: psycopg.Connection[Any]) -> None:
-        if conn.closed or conn.broken:
-            return
-        with self._idle_mutex:
-            if self._idle_pid == os.getpid() and len(self._idle) < MAX_IDLE:
-                self._idle.append(conn)
-                return
-        conn.close()
-
     def _error(self, action: str, exc: BaseException) -> BrokerLockError:
-        message = str(exc).strip() or type(exc).__name__
-        return BrokerLockError(f"PostgreSQL at {self.server}: could not {action}: {message}")
+        return self._pool.error(action, exc)
 
     def _run(self, action: str, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
-        errors = self._psycopg
-        for attempt in (1, 2):
-            try:
-                conn, fresh = self._take()
-            except errors.Error as exc:
-                raise self._error(action, exc) from None
-            try:
-                result = fn(conn)
-            except errors.Error as exc:
-                broken = conn.broken or conn.closed
-                if broken:
-                    conn.close()
-                else:
-                    self._give(conn)
-                # A pooled session that died while idle (a server restart) gets one
-                # retry on a new one; every statement is safe to repeat.
-                if broken and not fresh and attempt == 1:
-                    log.debug("%s: reconnecting after %s", self.server, exc)
-                    continue
-                raise self._error(action, exc) from None
-            self._give(conn)
-            return result
-        raise AssertionError("unreachable")
+        return self._pool.run(action, fn)
 
     def _setup(self, conn: psycopg.Connection[Any]) -> None:
         name = self._ident.as_string(conn)
         queue = name[:-1] + '_queue"'  # name is a quoted identifier: "t" or "s"."t"
-        row = conn.execute("SELECT to_regclass(%s), to_regclass(%s)", (name, queue)).fetchone()
-        if row is not None and None not in row:
+        row = conn.execute(statements.READY, {"t": name, "q": queue}).fetchone()
+        if row is not None and row[0]:
             return  # existing tables: need no CREATE privilege
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s::int8)", (SCHEMA_LOCK,))
             conn.execute(self._sql["schema"])
+            conn.execute(self._sql["migrate"])
 
     @staticmethod
     def _lease(row: Tuple[Any, ...]) -> Lease:
@@ -258,98 +221,125 @@ class PostgresAdapter(Adapter):
 
     def acquire(self, request: Request, timeout: Optional[float]) -> Optional[Lease]:
         """Take the lock, or a place in the name's queue and wait: first come, first
-        served, woken by a NOTIFY on our thread's channel, which only the release that
-        makes us the head sends."""
+        served. The release that frees the lock hands it to the head of the queue and
+        NOTIFYs the head's thread with the lease, so a woken waiter returns at once."""
         if timeout == 0:
             return self.try_acquire(request)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            # LISTEN before the first attempt queues us, so no release after it goes unheard.
+            # LISTEN before the first attempt queues us, so no hand-over goes unheard.
             listener = self._listeners.mine()
         except self._psycopg.Error as exc:
             raise self._error(f"wait for {request.name!r}", exc) from None
         member = listener.member(request.token)
-        arrival: Any = None
-        lease: Optional[Lease] = None
-        reachable = True
+        # One statement: take the lock, or take our place in the queue.
+        lease, left, arrival = self._try(request, None, member)
+        if lease is not None:
+            return lease
         try:
             while True:
-                # One statement: take the lock, or take (or renew) our place in the queue.
-                lease, left, arrival = self._try(request, arrival, member)
-                if lease is not None:
-                    return lease
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    return None
+                    break
                 bound = RECHECK if remaining is None else min(RECHECK, remaining)
                 if left is not None:
                     # An expiring lease notifies nobody: look again when it ends.
                     bound = min(bound, max(0.0, left) + 0.001)
                 try:
-                    listener.wait(member, bound)
+                    payload = listener.wait(member, bound)
                 except self._psycopg.Error as exc:
                     raise self._error(f"wait for {request.name!r}", exc) from None
+                if payload is not None and payload != member:
+                    return self._granted(request, payload)
+                # Woken to take a free lock, or time to look again (a dead holder, an
+                # expired lease, a lost notification): the same statement renews our place.
+                lease, left, arrival = self._try(request, arrival, member)
+                if lease is not None:
+                    return lease
         except BrokerLockError:
-            reachable = False  # our place lapses by itself; leaving would only delay the error
+            raise  # unreachable: our place lapses by itself, and so would a hand-over
+        except BaseException:
+            # Interrupted: a lock handed to us meanwhile goes on to the next in line.
+            self._leave(request, member, keep=False)
             raise
-        finally:
-            if reachable and lease is None and arrival is not None:
-                self._leave(request.name, member)
+        # Timed out. A lock handed to us before we left the queue is ours to keep.
+        return self._leave(request, member, keep=True)
 
-    def _leave(self, name: str, member: str) -> None:
-        params = {"name": name, "member": member, "prefix": CHANNEL_PREFIX}
+    @staticmethod
+    def _granted(request: Request, payload: str) -> Lease:
+        _member, fence, acquired, expires = payload.split("|")
+        return Lease(
+            request.name, request.token, int(fence), float(acquired),
+            float(expires) if expires else None, request.host, request.pid, request.thread,
+        )
+
+    def _leave(self, request: Request, member: str, keep: bool) -> Optional[Lease]:
+        """Leave the queue: the lease if the lock was handed to us first and ``keep``,
+        else ``None`` (a lock handed to us is released, so it goes on to the next)."""
+        name = request.name
+        params = {"name": name, "token": request.token, "member": member, "prefix": CHANNEL_PREFIX}
         try:
-            self._run(f"leave the queue of {name!r}", lambda c: c.execute(self._sql["leave"], params))
+            left = self._pool.rows(f"leave the queue of {name!r}", self._hot["leave"], params)
+            if flag(left, 0):
+                return None  # we left our place: nothing was handed to us
+            # Our place was gone: taken with a hand-over, or lapsed.
+            mine = self._pool.rows(f"acquire {name!r}", self._hot["mine"], params)
         except BrokerLockError as exc:
-            log.debug("%s", exc)  # our place lapses by itself after QUEUE_PATIENCE
+            log.debug("%s", exc)  # our place (and any hand-over) lapses by itself
+            return None
+        if not mine.ntuples:
+            return None
+        if not keep:
+            try:
+                self.release(name, request.token)
+            except BrokerLockError as exc:
+                log.debug("%s", exc)  # the hand-over lapses by the lease's ttl
+            return None
+        return Lease(
+            name, request.token, int(mine.get_value(0, 0) or 0), number(mine, 1) or 0.0,
+            number(mine, 2), request.host, request.pid, request.thread,
+        )
 
     def _try(
-        self, request: Request, arrival: Any, member: Optional[str] = None
-    ) -> Tuple[Optional[Lease], Optional[float], Any]:
+        self, request: Request, arrival: Optional[str], member: Optional[str] = None
+    ) -> Tuple[Optional[Lease], Optional[float], Optional[str]]:
         """The lease, or ``None``, the seconds left on the current lease (if known) and
         our arrival in the queue (a waiter, ``member`` set, queues or renews its place).
 
         A waiter that takes the lock leaves the queue with it."""
-        action = f"acquire {request.name!r}"
+        statement = self._hot["acquire" if arrival is None else "retry"]
         for _attempt in (1, 2):
             try:
                 holder = self._presence.current()
             except self._psycopg.Error as exc:
-                raise self._error(action, exc) from None
+                raise self._error(f"acquire {request.name!r}", exc) from None
             params = {
                 "name": request.name, "token": request.token, "ttl": request.ttl,
                 "host": request.host, "pid": request.pid, "thread": request.thread,
                 "holder": holder, "arrival": arrival, "member": member,
                 "patience": QUEUE_PATIENCE,
             }
-            row = self._run(action, functools.partial(self._attempt, params))
-            took, fence, acquired_at, expires_or_left, alive, queued = row
-            if took:
+            row = self._pool.rows(f"acquire {request.name!r}", statement, params)
+            if flag(row, 0):
                 lease = Lease(
-                    request.name, request.token, int(fence), acquired_at, expires_or_left,
+                    request.name, request.token, int(row.get_value(0, 1) or 0),
+                    number(row, 2) or 0.0, number(row, 3),
                     request.host, request.pid, request.thread,
                 )
                 return lease, None, None
-            if alive:
-                return None, expires_or_left, queued
+            if flag(row, 4):
+                return None, number(row, 3), text(row, 5)
             # Our presence session is gone (a server restart, a dropped connection):
             # a row written under its key would be free for anyone, so get a new one;
             # the next attempt moves our place in the queue (if any) under it.
             log.warning("%s: presence session lost; opening a new one", self.server)
             self._presence.renew(holder)
-        raise self._error(action, RuntimeError("the presence session keeps failing"))
-
-    def _attempt(self, params: Dict[str, Any], conn: psycopg.Connection[Any]) -> Tuple[Any, ...]:
-        row = conn.execute(self._sql["acquire"], params).fetchone()
-        assert row is not None
-        return tuple(row)
+        raise self._error(f"acquire {request.name!r}", RuntimeError("the presence session keeps failing"))
 
     def release(self, name: str, token: str) -> bool:
         params = {"name": name, "token": token, "prefix": CHANNEL_PREFIX}
-        row = self._run(
-            f"release {name!r}", lambda c: c.execute(self._sql["release"], params).fetchone()
-        )
-        return row is not None and bool(row[0])
+        result = self._pool.rows(f"release {name!r}", self._hot["release"], params)
+        return result.ntuples > 0 and flag(result, 0)
 
     def extend(self, name: str, token: str, ttl: Optional[float]) -> Optional[Lease]:
         params = {"name": name, "token": token, "ttl": ttl}
@@ -370,17 +360,10 @@ class PostgresAdapter(Adapter):
 
     def force_release(self, name: str) -> bool:
         params = {"name": name, "prefix": CHANNEL_PREFIX}
-        rows = self._run(
-            f"break {name!r}", lambda c: c.execute(self._sql["force"], params).fetchall()
-        )
-        return bool(rows)
+        return self._pool.rows(f"break {name!r}", self._hot["force"], params).ntuples > 0
 
     def close(self) -> None:
         # The presence session stays: leases held by this process live on until it
         # exits, as with every other store.
-        with self._idle_mutex:
-            idle, self._idle = self._idle, []
-            mine = self._idle_pid == os.getpid()
-        for conn in idle if mine else []:
-            conn.close()
+        self._pool.close()
         self._listeners.close()
