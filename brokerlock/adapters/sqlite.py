@@ -94,18 +94,24 @@ class SQLiteAdapter(EmbeddedStore):
         self._run("open the database", lambda conn: None)
 
     # -- plumbing ---------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self, check_file: bool = True) -> sqlite3.Connection:
         """This thread's connection, made anew after fork() or when the database file
         was deleted or replaced: a connection keeps the old inode open, and locks taken
-        in a ghost file would exclude nobody."""
+        in a ghost file would exclude nobody.
+
+        Without ``check_file`` the file is not looked at (a stat() is a tenth of a
+        release): a release only clears the caller's own lease, and a file replaced
+        under it holds no lease of the caller's to clear.
+        """
         conn: Optional[sqlite3.Connection] = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == os.getpid():
+            if not check_file:
+                return conn
             try:
                 info = os.stat(self.path)
-                current = (info.st_dev, info.st_ino)
             except OSError:
-                current = None
-            if current == self._local.ident:
+                info = None
+            if info is not None and info.st_ino == self._local.ino and info.st_dev == self._local.dev:
                 return conn
             log.warning("database %s was deleted or replaced; reconnecting", self.path)
             conn.close()
@@ -122,7 +128,7 @@ class SQLiteAdapter(EmbeddedStore):
             conn.close()
             raise
         self._local.conn, self._local.pid = conn, os.getpid()
-        self._local.ident = (info.st_dev, info.st_ino)
+        self._local.dev, self._local.ino = info.st_dev, info.st_ino
         return conn
 
     def _setup(self, conn: sqlite3.Connection) -> None:
@@ -257,6 +263,12 @@ class SQLiteAdapter(EmbeddedStore):
     def _try_acquire(self, request: Request, deadline: Optional[float]) -> Optional[Lease]:
         """One attempt; ``_OutOfTime`` if the store stays busy past ``deadline``."""
         params = self._params(request)
+        try:  # the common case, a free lock, in one statement and no retry machinery
+            row = self._conn().execute(sql.ACQUIRE_NEW, params).fetchone()
+        except (sqlite3.Error, OSError):
+            row = None  # busy or a fault: the careful path below retries or reports it
+        if row is not None:
+            return self._granted(request, params, int(row[0]))
 
         def attempt(conn: sqlite3.Connection) -> Optional[int]:
             fence = self._take(conn, params, newcomer=True)
@@ -412,15 +424,25 @@ class SQLiteAdapter(EmbeddedStore):
         """
         params = {"name": name, "token": token, "now": self._clock()}
 
+        def next_bell(conn: sqlite3.Connection, row: Optional[Tuple[Any, ...]]) -> Optional[str]:
+            if row is None or row[1] is None:
+                return None
+            if self._witness.is_alive(row[2]):
+                return row[1]  # type: ignore[no-any-return]
+            return self._next_bell(conn, name, freed=True)
+
         def free(conn: sqlite3.Connection) -> Tuple[Any, Optional[str]]:
             row = conn.execute(sql.FREE_LEASE, params).fetchone()
-            if row is None or row[1] is None:
-                return row, None
-            if self._witness.is_alive(row[2]):
-                return row, row[1]
-            return row, self._next_bell(conn, name, freed=True)
+            return row, next_bell(conn, row)
 
-        row, bell = self._run(f"{action} {name!r}", free)
+        try:  # the common case in one statement, without the retry machinery
+            row = self._conn(check_file=False).execute(sql.FREE_LEASE, params).fetchone()
+        except (sqlite3.Error, OSError):  # busy (the statement did nothing) or a fault:
+            row, bell = self._run(f"{action} {name!r}", free)  # retried or reported there
+        else:
+            if row is None or row[1] is None:
+                return row  # type: ignore[no-any-return]
+            bell = self._run(f"{action} {name!r}", lambda conn: next_bell(conn, row))
         if bell:
             self._bells.ring(bell)
         return row  # type: ignore[no-any-return]
