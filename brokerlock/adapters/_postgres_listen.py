@@ -13,8 +13,10 @@ attempt runs stays in its socket until the next wait.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
+import select
 import threading
 import time
 import weakref
@@ -27,6 +29,23 @@ log = logging.getLogger("brokerlock")
 
 #: Channels are this prefix + the listener's id.
 CHANNEL_PREFIX = "brokerlock_"
+
+
+def _readable(sock: int, timeout: float) -> bool:
+    """Whether ``sock`` has data within ``timeout`` seconds (rounded up to the ms)."""
+    if _poll is None:  # Windows
+        return bool(select.select([sock], [], [], timeout)[0])
+    poller = _poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(math.ceil(timeout * 1000)))
+
+
+_poll = getattr(select, "poll", None)
+
+
+def _for(member: str, payload: str) -> bool:
+    """Whether ``payload`` is meant for ``member``: the bare member, or a hand-over."""
+    return payload.startswith(member) and payload[len(member):len(member) + 1] in ("", "|")
 
 
 class Listener:
@@ -68,17 +87,7 @@ class Listener:
                 self._open()
             assert self.conn is not None
             try:
-                while True:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return None
-                    for notify in self.conn.notifies(timeout=left, stop_after=1):
-                        payload = notify.payload
-                        if payload.startswith(member) and payload[len(member):len(member) + 1] in ("", "|"):
-                            return payload
-                        break  # a notification for an earlier wait of this thread
-                    else:
-                        return None
+                return self._wait(self.conn, member, deadline)
             except Exception:  # nothing to tell at interpreter exit
                 conn, self.conn = self.conn, None
                 conn.close()
@@ -86,6 +95,28 @@ class Listener:
                     raise
                 log.debug("listening session broke; opening a new one")
         return None
+
+    @staticmethod
+    def _wait(conn: psycopg.Connection[Any], member: str, deadline: float) -> Optional[str]:
+        # libpq directly, not Connection.notifies(): that spins on poll(0) through the
+        # last millisecond before its timeout (a millisecond of CPU per wait) and
+        # drops the rest of a batch when the caller stops early.
+        pgconn = conn.pgconn
+        found: Optional[str] = None
+        while True:
+            notify = pgconn.notifies()
+            while notify is not None:
+                payload = notify.extra.decode()
+                if _for(member, payload) and (found is None or found == member):
+                    found = payload  # a hand-over wins over a bare wake-up
+                notify = pgconn.notifies()
+            if found is not None:
+                return found
+            # Only notifications for earlier waits of this thread, if any: wait on.
+            left = deadline - time.monotonic()
+            if left <= 0 or not _readable(pgconn.socket, left):
+                return None
+            pgconn.consume_input()  # raises if the session broke
 
     def __del__(self) -> None:  # the thread that owned it ended
         try:
