@@ -51,6 +51,8 @@ T = TypeVar("T")
 
 #: Waiters look again at least this often, whatever they were told.
 RECHECK = 1.0
+#: A new waiter's first look, if nothing woke it; each later one comes twice as late.
+FIRST_LOOK = 0.02
 #: libpq settings we add unless the DSN sets them: fail fast on a server that does not
 #: answer, and notice a dead network instead of waiting on it for ever.
 CONNECT_DEFAULTS = {
@@ -236,12 +238,19 @@ class PostgresAdapter(Adapter):
         lease, left, arrival = self._try(request, None, member)
         if lease is not None:
             return lease
+        # A release whose snapshot predates our place in the queue cannot see us, so
+        # it neither hands us the lock nor wakes us (when our statement locked the row
+        # first and made it wait). Rare, so rather than a second look at once (a
+        # statement per contended acquire), the first looks come early and then ever
+        # later, up to RECHECK.
+        look = FIRST_LOOK
         try:
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
-                bound = RECHECK if remaining is None else min(RECHECK, remaining)
+                bound = min(look, RECHECK if remaining is None else min(RECHECK, remaining))
+                look *= 2
                 if left is not None:
                     # An expiring lease notifies nobody: look again when it ends.
                     bound = min(bound, max(0.0, left) + 0.001)
