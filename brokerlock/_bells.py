@@ -84,15 +84,19 @@ def _thread_inotify() -> int:
 
 
 class _OwnBell:
-    """A thread's bell in one store: kept for all its waits, removed with the thread."""
+    """A thread's bell in one store: kept for all its waits, removed with the thread.
 
-    def __init__(self, path: str) -> None:
-        self.path, self.pid = path, os.getpid()
+    Its descriptor stays open for reading the news a ring brings (a grant).
+    """
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path, self.fd, self.pid = path, fd, os.getpid()
         self.name = os.path.basename(path)
 
     def __del__(self) -> None:
         if self.pid == os.getpid():
             try:
+                os.close(self.fd)
                 os.unlink(self.path)
             except OSError:
                 pass
@@ -140,12 +144,22 @@ class Bells:
             self._sweep()
         name = f"{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}"
         try:
-            os.close(open_private(self._path(name), os.O_WRONLY | os.O_EXCL))
+            fd = open_private(self._path(name), os.O_RDWR | os.O_EXCL)
         except BrokerLockError as exc:
             log.debug("no bell for a waiter (%s); it will poll", exc)
             return None
-        bells[self.directory] = _OwnBell(self._path(name))
+        bells[self.directory] = _OwnBell(self._path(name), fd)
         return name
+
+    def news(self) -> bytes:
+        """What the last ring of the calling thread's bell in this store said."""
+        own: Optional[_OwnBell] = getattr(_own, "bells", {}).get(self.directory)
+        if own is None or own.pid != os.getpid():
+            return b""
+        try:
+            return os.pread(own.fd, 256, 0)
+        except OSError:
+            return b""
 
     def _sweep(self) -> None:
         """Remove the bells of processes that no longer exist (cheap garbage collection;
@@ -191,14 +205,19 @@ class Bells:
         deadline: Optional[float],
         clock: Callable[[], float],
         step: Callable[[], Tuple[Optional[Lease], Optional[float], Optional[str]]],
+        granted: Optional[Callable[[bytes], Optional[Lease]]] = None,
     ) -> Optional[Lease]:
         """A queued waiter's loop: ``step()`` tries to take the lock and returns
         ``(lease or None, when the current lease expires or None, a bell to ring or
         None)``; between steps the waiter sleeps until its bell rings, the lease
-        expires, the safety net or the monotonic ``deadline`` (``None``: never)."""
+        expires, the safety net or the monotonic ``deadline`` (``None``: never).
+
+        A release may grant the lock to the waiter it wakes and say so in the ring:
+        ``granted(news)`` turns that news into the waiter's lease, sparing it a step.
+        """
         with self.waiter(bell) as waiter:
+            lease, expires, wake = step()
             while True:
-                lease, expires, wake = step()
                 self.ring(wake)
                 if lease is not None:
                     return lease
@@ -209,9 +228,14 @@ class Bells:
                 if expires is not None:
                     bound = min(bound, max(0.0, expires - clock()) + 0.001)
                 waiter.wait(bound if remaining is None else min(bound, remaining))
+                lease = None if granted is None or bell is None else granted(self.news())
+                if lease is not None:
+                    return lease
+                lease, expires, wake = step()
 
-    def ring(self, bell: Optional[str]) -> None:
-        """Wake the waiter of ``bell``; a bell that is gone has nobody left to wake."""
+    def ring(self, bell: Optional[str], news: bytes = b"\1") -> None:
+        """Wake the waiter of ``bell``, telling it ``news``; a bell that is gone has
+        nobody left to wake."""
         if not bell:
             return
         try:
@@ -219,7 +243,7 @@ class Bells:
         except OSError:
             return
         try:
-            write_at(fd, b"\1", 0)
+            write_at(fd, news, 0)
         except OSError as exc:
             log.debug("could not ring bell %s: %s", bell, exc)
         finally:

@@ -47,6 +47,9 @@ QUEUE_ENTRY_LIFE = 6.0
 MUTEX_PATIENCE = 30.0
 
 Record = Dict[str, Any]
+#: A queue entry: ``[token, witness, until, bell, ttl, host, pid, thread]``, all that
+#: a release needs to grant the lock to the waiter.
+_ENTRY_SIZE = 8
 _READ_SIZE = 65536
 _DECODER = json.JSONDecoder()
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
@@ -143,39 +146,66 @@ class FileAdapter(EmbeddedStore):
         )
 
     def _queue(self, record: Optional[Record], now: float) -> List[List[Any]]:
-        """The record's waiters ``[token, witness, until, bell]`` in arrival order, without
-        those whose process died or whose place ran out."""
+        """The record's waiters ``[token, witness, until, bell, ttl, host, pid, thread]``
+        in arrival order, without those whose place ran out, nor those ahead of the
+        first live one whose process died. Liveness is tested only up to the head (a
+        syscall per entry): those behind it are tested when their turn comes."""
         if record is None:
             return []
-        return [
+        queue = [
             e
             for e in record.get("queue") or []
-            if isinstance(e, list) and len(e) == 4 and e[2] > now and self._witness.is_alive(e[1])
+            if isinstance(e, list) and len(e) == _ENTRY_SIZE and e[2] > now
         ]
+        while queue and not self._witness.is_alive(queue[0][1]):
+            del queue[0]
+        return queue
 
     def _take(
         self, record: Optional[Record], request: Request, now: float, queue: List[List[Any]]
     ) -> Tuple[Lease, Record]:
         """The record after ``request`` took the lock; ``queue`` is the live queue, as the
         caller already found it."""
-        new = {
-            "name": request.name,
-            "token": request.token,
-            "fence": max(record["fence"] + 1 if record else 0, clock_fence()),
-            "acquired_at": now,
-            "expires_at": None if request.ttl is None else now + request.ttl,
-            "host": request.host,
-            "pid": request.pid,
-            "thread": request.thread,
-            "witness": self._witness.mine(),
-            "queue": [e for e in queue if e[0] != request.token],
-        }
+        new = _leased(
+            record, request.name, now, request.token, self._witness.mine(), request.ttl,
+            request.host, request.pid, request.thread,
+            [e for e in queue if e[0] != request.token],
+        )
         return self._lease(new), new
 
-    def _head_bell(self, record: Optional[Record], now: float) -> Optional[str]:
-        """The bell of the live waiter at the head of the queue, if any."""
+    def _hand_over(self, record: Record, now: float) -> Tuple[Record, Optional[Tuple[str, bytes]]]:
+        """``record`` with its lease cleared and, if a live waiter heads the queue, granted
+        to that waiter; and the ``(bell, grant)`` to ring it with.
+
+        Granting here, under the flock the release holds anyway, spares the woken waiter
+        a read-modify-write of its own: its bell tells it the lease it now has (see
+        ``_granted``). The record stays the truth; the bell is only the news.
+        """
         queue = self._queue(record, now)
-        return queue[0][3] if queue else None
+        if not queue:
+            return {**record, "token": None, "witness": None}, None
+        token, witness, _until, bell, ttl, host, pid, thread = queue[0]
+        new = _leased(record, record["name"], now, token, witness, ttl, host, pid, thread, queue[1:])
+        news = f"G{token},{new['fence']},{now!r},{new['expires_at']!r};".encode("ascii")
+        return new, (bell, news)
+
+    @staticmethod
+    def _granted(request: Request, news: bytes) -> Optional[Lease]:
+        """The lease a bell's grant ``news`` gives ``request``, if it is meant for it."""
+        try:
+            text = news.decode("ascii").split(";", 1)[0]
+            if not text.startswith("G"):
+                return None
+            token, fence, acquired, expires = text[1:].split(",")
+            if token != request.token:
+                return None  # news of an earlier wait, or a torn ring: the record decides
+            return Lease(
+                request.name, token, int(fence), float(acquired),
+                None if expires == "None" else float(expires),
+                request.host, request.pid, request.thread,
+            )
+        except ValueError:
+            return None
 
     # -- the contract -----------------------------------------------------------
     def try_acquire(self, request: Request) -> Optional[Lease]:
@@ -210,8 +240,10 @@ class FileAdapter(EmbeddedStore):
         def join_or_take(record: Optional[Record]) -> Tuple[Any, Optional[Record]]:
             nonlocal refresh_at, wake
             now = self._clock()
-            queue = self._queue(record, now)
             free = not self._holds(record, now)
+            if record is not None and record.get("token") == token and not free:
+                return self._lease(record), None  # granted by a release; its news was lost
+            queue = self._queue(record, now)
             if free and (not queue or queue[0][0] == token):
                 return self._take(record, request, now, queue)
             changed = record is None or len(queue) != len(record.get("queue") or [])
@@ -219,7 +251,10 @@ class FileAdapter(EmbeddedStore):
                 wake = queue[0][3]  # dead waiters were dropped: tell the new head
             place = next((i for i, e in enumerate(queue) if e[0] == token), None)
             if place is None or time.monotonic() >= refresh_at:
-                entry = [token, witness, now + QUEUE_ENTRY_LIFE, bell]
+                entry = [
+                    token, witness, now + QUEUE_ENTRY_LIFE, bell,
+                    request.ttl, request.host, request.pid, request.thread,
+                ]
                 if place is None:
                     queue.append(entry)
                 else:
@@ -241,43 +276,53 @@ class FileAdapter(EmbeddedStore):
 
         taken: Optional[Lease] = None
         try:
-            taken = self._bells.wait_turn(bell, deadline, self._clock, step)
+            taken = self._bells.wait_turn(
+                bell, deadline, self._clock, step, lambda news: self._granted(request, news)
+            )
             return taken
         finally:
             if taken is None:
                 self._leave(name, token)
 
     def _leave(self, name: str, token: str) -> None:
-        def change(record: Optional[Record]) -> Tuple[Optional[str], Optional[Record]]:
-            queue = (record or {}).get("queue") or []
-            if not any(e[0] == token for e in queue):
-                return None, None
-            assert record is not None
-            new = {**record, "queue": [e for e in queue if e[0] != token]}
-            now = self._clock()
-            return (None if self._holds(new, now) else self._head_bell(new, now)), new
+        """Take a waiter that gives up out of the queue. A release may have granted it the
+        lock in the meantime: then the lock goes on to the next waiter."""
 
-        bell = self._update(name, "leave the queue of", change)
-        if bell:
-            self._bells.ring(bell)
+        def change(record: Optional[Record]) -> Tuple[Any, Optional[Record]]:
+            if record is None:
+                return None, None
+            now = self._clock()
+            queue = record.get("queue") or []
+            if record.get("token") != token and not any(e[0] == token for e in queue):
+                return None, None
+            new = {**record, "queue": [e for e in queue if e[0] != token]}
+            if record.get("token") != token and self._holds(new, now):
+                return None, new
+            new, news = self._hand_over(new, now)
+            return news, new
+
+        self._ring(self._update(name, "leave the queue of", change))
+
+    def _ring(self, news: Optional[Tuple[Optional[str], bytes]]) -> None:
+        if news is not None and news[0]:
+            self._bells.ring(news[0], news[1])
 
     def _free(self, name: str, action: str, may: Callable[[Record], Any]) -> Any:
-        """Clear the lease if ``may(record)`` says so, and ring the next waiter's bell.
+        """Clear the lease if ``may(record)`` says so and hand the lock to the next waiter.
 
         ``may`` returns ``None`` to leave the record alone, else the caller's result.
         """
 
-        def change(record: Optional[Record]) -> Tuple[Tuple[Any, Optional[str]], Optional[Record]]:
+        def change(record: Optional[Record]) -> Tuple[Tuple[Any, Any], Optional[Record]]:
             result = None if record is None else may(record)
             if result is None:
                 return (None, None), None
             assert record is not None
-            new = {**record, "token": None, "witness": None}
-            return (result, self._head_bell(new, self._clock())), new
+            new, news = self._hand_over(record, self._clock())
+            return (result, news), new
 
-        result, bell = self._update(name, action, change)
-        if bell:
-            self._bells.ring(bell)
+        result, news = self._update(name, action, change)
+        self._ring(news)
         return result
 
     def release(self, name: str, token: str) -> bool:
@@ -353,6 +398,25 @@ def _flock(fd: int, path: str) -> None:
             )
         time.sleep(delay)
         delay = min(max(delay * 2, 0.00005), 0.005)
+
+
+def _leased(
+    record: Optional[Record], name: str, now: float, token: str, witness: Optional[str],
+    ttl: Optional[float], host: str, pid: int, thread: str, queue: List[List[Any]],
+) -> Record:
+    """The record of a new lease; its fence is above every earlier one (see clock_fence)."""
+    return {
+        "name": name,
+        "token": token,
+        "fence": max(record["fence"] + 1 if record else 0, clock_fence()),
+        "acquired_at": now,
+        "expires_at": None if ttl is None else now + ttl,
+        "host": host,
+        "pid": pid,
+        "thread": thread,
+        "witness": witness,
+        "queue": queue,
+    }
 
 
 def _expiry(record: Optional[Record]) -> Optional[float]:
