@@ -18,7 +18,7 @@ import os
 import re
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Set, Tuple, TypeVar
 
 from ..errors import BrokerLockError
 
@@ -166,6 +166,7 @@ class Pool:
             conn.close()
 
 
+# Readers of one text-format cell: NULL is None.
 def text(result: pq.abc.PGresult, column: int, row: int = 0) -> Optional[str]:
     value = result.get_value(row, column)
     return None if value is None else bytes(value).decode()
@@ -179,5 +180,3 @@ def number(result: pq.abc.PGresult, column: int, row: int = 0) -> Optional[float
 def flag(result: pq.abc.PGresult, column: int, row: int = 0) -> bool:
     return result.get_value(row, column) == b"t"
 
-
-Statements = Dict[str, Prepared]
