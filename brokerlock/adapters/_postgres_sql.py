@@ -161,6 +161,11 @@ ACQUIRE = f"""WITH c AS (SELECT clock_timestamp() AS now),
 {_TAKE.replace("{ahead}", "")},
 {_ENQUEUE}
 {_RESULT}"""
+# A newcomer that does not queue: the first attempt on a name that was free last time
+# (most are), one part fewer to run than ACQUIRE.
+TAKE = f"""WITH c AS (SELECT clock_timestamp() AS now),
+{_TAKE.replace("{ahead}", "")}
+{_RESULT.replace("(SELECT arrival FROM enq)", "NULL::timestamptz")}"""
 # A queued waiter: free, and nobody alive ahead of it. Taking the lock, it leaves the
 # queue; else it renews its place (or takes a new one if its place lapsed), and clears
 # lapsed places of others.

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import BrokerLockError
@@ -53,6 +53,8 @@ T = TypeVar("T")
 RECHECK = 1.0
 #: A new waiter's first look, if nothing woke it; each later one comes twice as late.
 FIRST_LOOK = 0.02
+#: Names remembered as contended, at most (past it, the memory starts afresh).
+MAX_CONTENDED = 1024
 #: libpq settings we add unless the DSN sets them: fail fast on a server that does not
 #: answer, and notice a dead network instead of waiting on it for ever.
 CONNECT_DEFAULTS = {
@@ -152,9 +154,11 @@ class PostgresAdapter(Adapter):
         # The statements of every acquire and release, run the lean way (_postgres_pool).
         self._hot: Dict[str, Prepared] = {
             key: Prepared(key, render(getattr(statements, key.upper())))
-            for key in ("acquire", "retry", "release", "force", "leave", "mine")
+            for key in ("take", "acquire", "retry", "release", "force", "leave", "mine")
         }
         self._pool = Pool(self._connect, self.server)
+        # Names whose last acquire found them held: their first attempt queues at once.
+        self._contended: Set[str] = set()
         self._presence = presence_for(self._conninfo, self._connect)
         self._listeners = Listeners(self._connect)
         self._run("create the lock table", self._setup)
@@ -219,7 +223,7 @@ class PostgresAdapter(Adapter):
         return float(row[0])
 
     def try_acquire(self, request: Request) -> Optional[Lease]:
-        return self._try(request, None)[0]
+        return self._try(request, None, None)[0]
 
     def acquire(self, request: Request, timeout: Optional[float]) -> Optional[Lease]:
         """Take the lock, or a place in the name's queue and wait: first come, first
@@ -234,9 +238,19 @@ class PostgresAdapter(Adapter):
         except self._psycopg.Error as exc:
             raise self._error(f"wait for {request.name!r}", exc) from None
         member = listener.member(request.token)
+        name = request.name
+        if name not in self._contended:
+            # Free last time: try the cheaper statement that cannot queue us first.
+            lease = self._try(request, None, None)[0]
+            if lease is not None:
+                return lease
+            if len(self._contended) >= MAX_CONTENDED:
+                self._contended.clear()  # a hint only: forgetting costs a statement
+            self._contended.add(name)
         # One statement: take the lock, or take our place in the queue.
         lease, left, arrival = self._try(request, None, member)
         if lease is not None:
+            self._contended.discard(name)
             return lease
         # A release whose snapshot predates our place in the queue cannot see us, so
         # it neither hands us the lock nor wakes us (when our statement locked the row
@@ -316,7 +330,7 @@ class PostgresAdapter(Adapter):
         our arrival in the queue (a waiter, ``member`` set, queues or renews its place).
 
         A waiter that takes the lock leaves the queue with it."""
-        statement = self._hot["acquire" if arrival is None else "retry"]
+        statement = self._hot["retry" if arrival else "acquire" if member else "take"]
         for _attempt in (1, 2):
             try:
                 holder = self._presence.current()
