@@ -220,3 +220,16 @@ def test_queue_table_of_an_older_version_gets_the_new_columns(postgres_server: A
     holder.release()
     thread.join(10)
     assert got and got[0] > 0
+
+
+def test_a_name_found_held_queues_at_once_next_time(adapter: PostgresAdapter) -> None:
+    holder = Request.make("job", uuid.uuid4().hex, 30.0)
+    assert adapter.try_acquire(holder) is not None
+    waiter = Request.make("job", uuid.uuid4().hex, 30.0)
+    assert adapter.acquire(waiter, 0.05) is None  # tried, then queued, then timed out
+    assert "job" in adapter._contended
+    assert adapter.release("job", holder.token)
+    lease = adapter.acquire(Request.make("job", uuid.uuid4().hex, 30.0), 1.0)
+    assert lease is not None, "queued at once, and the lock was free"
+    assert "job" not in adapter._contended, "found free: the cheaper attempt comes first again"
+    assert adapter.release("job", lease.token)
