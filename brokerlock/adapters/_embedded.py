@@ -1,5 +1,5 @@
 """What the embedded stores (SQLite, lock files) share: the host's wall clock, the
-process witness, and the bells of their waiters."""
+process witness, the bells of their waiters and the news of a grant a bell carries."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .._witness import Witness, witness_for
-from .base import Adapter
+from .base import Adapter, Lease, Request
 
 if TYPE_CHECKING:
     from .._bells import Bells
@@ -23,6 +23,25 @@ class EmbeddedStore(Adapter):
     def now(self) -> float:
         return self._clock()
 
+    @staticmethod
+    def _granted(request: Request, news: bytes) -> Optional[Lease]:
+        """The lease that a bell's ``news`` grants ``request``, if the news is of a grant
+        to it (see ``grant_news``)."""
+        try:
+            text = news.decode("ascii").split(";", 1)[0]
+            if not text.startswith("G"):
+                return None
+            token, fence, acquired, expires = text[1:].split(",")
+            if token != request.token:
+                return None  # news of an earlier wait, or a torn ring: the store decides
+            return Lease(
+                request.name, token, int(fence), float(acquired),
+                None if expires == "None" else float(expires),
+                request.host, request.pid, request.thread,
+            )
+        except ValueError:
+            return None
+
     @property
     def _bells(self) -> Bells:
         # Loaded when first needed (a wait, or a release with someone waiting): an
@@ -32,3 +51,13 @@ class EmbeddedStore(Adapter):
 
             self._bells_made = Bells(self._bells_dir, self._witness.path)
         return self._bells_made
+
+
+def grant_news(token: str, fence: int, acquired_at: float, expires_at: Optional[float]) -> bytes:
+    """What a release rings into the bell of the waiter it granted the lock to.
+
+    The store is the truth and the news only spares the waiter a look at it: a waiter
+    that cannot read its news (a plain ring overwrote it, a token of another wait)
+    finds the grant in the store instead.
+    """
+    return f"G{token},{fence},{acquired_at!r},{expires_at!r};".encode("ascii", "replace")

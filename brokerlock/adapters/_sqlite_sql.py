@@ -27,7 +27,11 @@ CREATE TABLE IF NOT EXISTS brokerlock_waiters (
     token TEXT NOT NULL,
     witness TEXT,
     until REAL NOT NULL,
-    bell TEXT
+    bell TEXT,
+    ttl REAL,
+    host TEXT,
+    pid INTEGER,
+    thread TEXT
 )
 """,
     """
@@ -84,11 +88,35 @@ TAKE_FROM_DEAD_TURN = TAKE_FROM_DEAD.format(queue="1")
 HEAD_OF_QUEUE = (
     "FROM brokerlock_waiters w WHERE w.name = :name AND w.until > :now ORDER BY w.ticket LIMIT 1"
 )
+#: The release: the lease is cleared (expires_at kept, so the caller learns whether it
+#: had run out) and the queue's head comes back as "bell witness token" in one column.
 FREE_LEASE = f"""
 UPDATE brokerlock_locks SET token = NULL, witness = NULL
 WHERE name = :name AND token = :token
-RETURNING expires_at, (SELECT w.bell {HEAD_OF_QUEUE}), (SELECT w.witness {HEAD_OF_QUEUE})
+RETURNING expires_at,
+    (SELECT COALESCE(w.bell, '') || ' ' || COALESCE(w.witness, '') || ' ' || w.token {HEAD_OF_QUEUE})
 """
+#: The release's hand-over: the free lock granted to the waiter ``:head`` if it still
+#: waits (the trigger then takes it out of the queue). Waiters queued by a version
+#: without the lease columns (pid NULL) are left to take the lock themselves.
+GRANT = """
+UPDATE brokerlock_locks SET
+    token = w.token, fence = MAX(brokerlock_locks.fence + 1, :clock_fence), acquired_at = :now,
+    expires_at = :now + w.ttl, host = w.host, pid = w.pid, thread = w.thread, witness = w.witness
+FROM (
+    SELECT token, ttl, host, pid, thread, witness FROM brokerlock_waiters
+    WHERE name = :name AND token = :head AND until > :now AND pid IS NOT NULL
+    ORDER BY ticket LIMIT 1
+) AS w
+WHERE brokerlock_locks.name = :name AND brokerlock_locks.token IS NULL
+RETURNING fence, acquired_at, expires_at
+"""
+JOIN_QUEUE = (
+    "INSERT INTO brokerlock_waiters (name, token, witness, until, bell, ttl, host, pid, thread) "
+    "VALUES (:name, :token, :witness, :until, :bell, :ttl, :host, :pid, :thread) RETURNING ticket"
+)
+#: Added to the queue of a store made by an earlier version (ALTER TABLE, one by one).
+QUEUE_COLUMNS = ("ttl REAL", "host TEXT", "pid INTEGER", "thread TEXT")
 LIVE = "token IS NOT NULL AND (expires_at IS NULL OR expires_at > :now)"
 
 SCHEMA_NAMES = (
@@ -97,4 +125,10 @@ SCHEMA_NAMES = (
     "brokerlock_waiters_name",
     "brokerlock_granted_new",
     "brokerlock_granted",
+)
+#: How many of SCHEMA_NAMES exist, plus 1 if the queue has the lease columns: a store
+#: that is complete answers ``len(SCHEMA_NAMES) + 1``.
+SCHEMA_CHECK = (
+    "SELECT (SELECT count(*) FROM sqlite_master WHERE name IN (?, ?, ?, ?, ?)) + "
+    "(SELECT count(*) FROM pragma_table_info('brokerlock_waiters') WHERE name = 'thread')"
 )

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._platform import HAVE_FCNTL
 from ..errors import BrokerLockError
-from ._embedded import EmbeddedStore
+from ._embedded import EmbeddedStore, grant_news
 from ._files import (
     NO_FLOCK,
     O_CLOEXEC,
@@ -186,26 +186,7 @@ class FileAdapter(EmbeddedStore):
             return {**record, "token": None, "witness": None}, None
         token, witness, _until, bell, ttl, host, pid, thread = queue[0]
         new = _leased(record, record["name"], now, token, witness, ttl, host, pid, thread, queue[1:])
-        news = f"G{token},{new['fence']},{now!r},{new['expires_at']!r};".encode("ascii")
-        return new, (bell, news)
-
-    @staticmethod
-    def _granted(request: Request, news: bytes) -> Optional[Lease]:
-        """The lease a bell's grant ``news`` gives ``request``, if it is meant for it."""
-        try:
-            text = news.decode("ascii").split(";", 1)[0]
-            if not text.startswith("G"):
-                return None
-            token, fence, acquired, expires = text[1:].split(",")
-            if token != request.token:
-                return None  # news of an earlier wait, or a torn ring: the record decides
-            return Lease(
-                request.name, token, int(fence), float(acquired),
-                None if expires == "None" else float(expires),
-                request.host, request.pid, request.thread,
-            )
-        except ValueError:
-            return None
+        return new, (bell, grant_news(token, new["fence"], now, new["expires_at"]))
 
     # -- the contract -----------------------------------------------------------
     def try_acquire(self, request: Request) -> Optional[Lease]:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
 from ..errors import BrokerLockError
 from . import _sqlite_sql as sql
-from ._embedded import EmbeddedStore
+from ._embedded import EmbeddedStore, grant_news
 from ._files import ensure_private_dir, open_private
 from .base import Lease, Request, clock_fence
 
@@ -148,14 +148,18 @@ class SQLiteAdapter(EmbeddedStore):
                     mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                     if str(mode).lower() != "wal":
                         raise sqlite3.OperationalError(f"cannot switch to WAL (journal mode is {mode})")
-                present = conn.execute(
-                    "SELECT count(*) FROM sqlite_master WHERE name IN (?, ?, ?, ?, ?)", sql.SCHEMA_NAMES
-                ).fetchone()[0]
-                if present != len(sql.SCHEMA_NAMES):
+                present = conn.execute(sql.SCHEMA_CHECK, sql.SCHEMA_NAMES).fetchone()[0]
+                if present != len(sql.SCHEMA_NAMES) + 1:
                     conn.execute("BEGIN IMMEDIATE")
                     try:
                         for statement in sql.SCHEMA:
                             conn.execute(statement)
+                        columns = {
+                            row[1] for row in conn.execute("PRAGMA table_info(brokerlock_waiters)")
+                        }
+                        for column in sql.QUEUE_COLUMNS:
+                            if column.split()[0] not in columns:
+                                conn.execute(f"ALTER TABLE brokerlock_waiters ADD COLUMN {column}")
                         conn.execute("COMMIT")
                     except BaseException:
                         conn.execute("ROLLBACK")
@@ -242,7 +246,7 @@ class SQLiteAdapter(EmbeddedStore):
         row = conn.execute(take, {**params, "dead": holder[0]}).fetchone()
         return None if row is None else int(row[0])
 
-    def _granted(self, request: Request, params: Dict[str, Any], fence: Optional[int]) -> Optional[Lease]:
+    def _new_lease(self, request: Request, params: Dict[str, Any], fence: Optional[int]) -> Optional[Lease]:
         if fence is None:
             return None
         return Lease(
@@ -268,7 +272,7 @@ class SQLiteAdapter(EmbeddedStore):
         except (sqlite3.Error, OSError):
             row = None  # busy or a fault: the careful path below retries or reports it
         if row is not None:
-            return self._granted(request, params, int(row[0]))
+            return self._new_lease(request, params, int(row[0]))
 
         def attempt(conn: sqlite3.Connection) -> Optional[int]:
             fence = self._take(conn, params, newcomer=True)
@@ -276,7 +280,7 @@ class SQLiteAdapter(EmbeddedStore):
                 fence = self._take(conn, params, newcomer=True)
             return fence
 
-        return self._granted(request, params, self._run(f"acquire {request.name!r}", attempt, deadline))
+        return self._new_lease(request, params, self._run(f"acquire {request.name!r}", attempt, deadline))
 
     def _head(
         self, conn: sqlite3.Connection, name: str, now: float
@@ -350,27 +354,29 @@ class SQLiteAdapter(EmbeddedStore):
         ticket: Optional[int] = None
         refresh_at = 0.0
 
+        entry = {
+            "name": name, "token": token, "witness": witness, "bell": bell, "ttl": request.ttl,
+            "host": request.host, "pid": request.pid, "thread": request.thread,
+        }
+
         def step(conn: sqlite3.Connection) -> Tuple[Optional[Lease], Optional[float], Optional[str]]:
             nonlocal ticket, refresh_at
             now = self._clock()
             if ticket is None or time.monotonic() >= refresh_at:
                 until = now + QUEUE_ENTRY_LIFE
                 if ticket is None:
-                    ticket = conn.execute(
-                        "INSERT INTO brokerlock_waiters (name, token, witness, until, bell) "
-                        "VALUES (?, ?, ?, ?, ?) RETURNING ticket",
-                        (name, token, witness, until, bell),
-                    ).fetchone()[0]
+                    ticket = conn.execute(sql.JOIN_QUEUE, {**entry, "until": until}).fetchone()[0]
                 elif not conn.execute(
                     "UPDATE brokerlock_waiters SET until = ? WHERE ticket = ?", (until, ticket)
                 ).rowcount:
-                    # Our place ran out while we could not renew it (a pause, a clock step)
-                    # and someone pruned it: queue again rather than wait for nothing.
-                    ticket = conn.execute(
-                        "INSERT INTO brokerlock_waiters (name, token, witness, until, bell) "
-                        "VALUES (?, ?, ?, ?, ?) RETURNING ticket",
-                        (name, token, witness, until, bell),
-                    ).fetchone()[0]
+                    # Granted the lock (see below), or our place ran out while we could not
+                    # renew it (a pause, a clock step) and someone pruned it: then queue
+                    # again rather than wait for nothing.
+                    lease = self._handed(conn, request)
+                    if lease is not None:
+                        ticket = None
+                        return lease, None, None
+                    ticket = conn.execute(sql.JOIN_QUEUE, {**entry, "until": until}).fetchone()[0]
                 refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
             # Bells wake only the waiter whose turn it is: try to take the lock at once,
             # in one statement.
@@ -378,7 +384,11 @@ class SQLiteAdapter(EmbeddedStore):
             row = conn.execute(sql.ACQUIRE_HEAD, params).fetchone()
             if row is not None:
                 ticket = None  # the trigger took us out of the queue
-                return self._granted(request, params, int(row[0])), None, None
+                return self._new_lease(request, params, int(row[0])), None, None
+            lease = self._handed(conn, request)  # granted by a release; its news was lost
+            if lease is not None:
+                ticket = None
+                return lease, None, None
             conn.execute("BEGIN IMMEDIATE")
             try:
                 head, dead = self._head(conn, name, params["now"])
@@ -394,57 +404,87 @@ class SQLiteAdapter(EmbeddedStore):
                 raise
             # Dead waiters ahead were dropped: if the lock is free, tell the new head.
             wake = head[1] if dead and head is not None and not busy and fence is None else None
-            return self._granted(request, params, fence), expires, wake
+            return self._new_lease(request, params, fence), expires, wake
 
         taken: Optional[Lease] = None
         try:
             taken = self._bells.wait_turn(
-                bell, deadline, self._clock, lambda: self._run(f"acquire {name!r}", step, deadline)
+                bell,
+                deadline,
+                self._clock,
+                lambda: self._run(f"acquire {name!r}", step, deadline),
+                lambda news: self._granted(request, news),
             )
+            if taken is not None:
+                ticket = None  # granted: the trigger took us out of the queue
             return taken
         except _OutOfTime:
             return None
         finally:
             if taken is None and ticket is not None:
-                gone = ticket
+                self._leave(name, token, ticket)
 
-                def leave(conn: sqlite3.Connection) -> Optional[str]:
-                    conn.execute("DELETE FROM brokerlock_waiters WHERE ticket = ?", (gone,))
-                    return self._next_bell(conn, name)
+    def _leave(self, name: str, token: str, ticket: int) -> None:
+        """Take a waiter that gives up out of the queue. A release may have granted it the
+        lock in the meantime: then the lock goes on to the next waiter."""
 
-                bell = self._run(f"leave the queue of {name!r}", leave)
-                if bell:
-                    self._bells.ring(bell)
+        def leave(conn: sqlite3.Connection) -> Optional[str]:
+            conn.execute("DELETE FROM brokerlock_waiters WHERE ticket = ?", (ticket,))
+            return self._next_bell(conn, name)
+
+        bell = self._run(f"leave the queue of {name!r}", leave)
+        if bell:
+            self._bells.ring(bell)
+        self._free(name, token, "pass on")
+
+    def _handed(self, conn: sqlite3.Connection, request: Request) -> Optional[Lease]:
+        """The lease a release granted ``request``, found in the store."""
+        row = conn.execute(
+            "SELECT fence, acquired_at, expires_at FROM brokerlock_locks WHERE name = ? AND token = ?",
+            (request.name, request.token),
+        ).fetchone()
+        if row is None:
+            return None
+        fence, acquired_at, expires_at = row
+        return Lease(
+            request.name, request.token, fence, acquired_at, expires_at,
+            request.host, request.pid, request.thread,
+        )
 
     def _free(self, name: str, token: str, action: str) -> Optional[Tuple[Any, ...]]:
-        """Clear ``token``'s lease of ``name`` and ring the bell of the next waiter.
+        """Clear ``token``'s lease of ``name`` and hand the lock to the next waiter.
 
-        The queue's head comes back with the update itself, so a release costs one
-        statement unless the head turns out to be dead (then the queue is pruned).
+        The queue's head comes back with the update itself, so a release nobody waits
+        for costs one statement. With a live head, a second statement grants it the
+        lock and its bell carries the news: the woken waiter then has nothing to do.
         """
         params = {"name": name, "token": token, "now": self._clock()}
 
-        def next_bell(conn: sqlite3.Connection, row: Optional[Tuple[Any, ...]]) -> Optional[str]:
-            if row is None or row[1] is None:
-                return None
-            if self._witness.is_alive(row[2]):
-                return row[1]  # type: ignore[no-any-return]
-            return self._next_bell(conn, name, freed=True)
-
-        def free(conn: sqlite3.Connection) -> Tuple[Any, Optional[str]]:
-            row = conn.execute(sql.FREE_LEASE, params).fetchone()
-            return row, next_bell(conn, row)
+        def hand_over(conn: sqlite3.Connection, head: Optional[str]) -> Tuple[Optional[str], bytes]:
+            if head is None:
+                return None, b""
+            bell, witness, waiter = head.split(" ", 2)
+            if not self._witness.is_alive(witness or None):
+                return self._next_bell(conn, name, freed=True), b"\1"
+            grant = {**params, "head": waiter, "clock_fence": clock_fence()}
+            row = conn.execute(sql.GRANT, grant).fetchone()
+            if row is None:  # it left, or a waiter of an older version: it looks itself
+                return bell or None, b"\1"
+            return bell or None, grant_news(waiter, row[0], row[1], row[2])
 
         try:  # the common case in one statement, without the retry machinery
             row = self._conn(check_file=False).execute(sql.FREE_LEASE, params).fetchone()
         except (sqlite3.Error, OSError):  # busy (the statement did nothing) or a fault:
-            row, bell = self._run(f"{action} {name!r}", free)  # retried or reported there
-        else:
-            if row is None or row[1] is None:
-                return row  # type: ignore[no-any-return]
-            bell = self._run(f"{action} {name!r}", lambda conn: next_bell(conn, row))
+            row = self._run(  # retried or reported there
+                f"{action} {name!r}", lambda conn: conn.execute(sql.FREE_LEASE, params).fetchone()
+            )
+        if row is None or row[1] is None:
+            return row  # type: ignore[no-any-return]
+        head = row[1]
+        # A step of its own: retrying the release itself would find the lease cleared.
+        bell, news = self._run(f"{action} {name!r}", lambda conn: hand_over(conn, head))
         if bell:
-            self._bells.ring(bell)
+            self._bells.ring(bell, news)
         return row  # type: ignore[no-any-return]
 
     def release(self, name: str, token: str) -> bool:

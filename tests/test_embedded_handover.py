@@ -1,0 +1,196 @@
+"""Direct hand-over in the embedded stores: a release grants the lock to the queue's
+head and its bell carries the news, so the woken waiter need not touch the store.
+
+The record (or row) stays the truth: these tests take the news away, time a waiter out
+at the very moment it is granted the lock, and kill a waiter that was just granted it;
+the lock must never be stranded nor held twice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import pytest
+from stores import needs_flock, needs_witness
+
+from brokerlock import Adapter, BrokerLock, FileAdapter, SQLiteAdapter
+from brokerlock._wakeup import libc
+from brokerlock.adapters.base import Lease, Request
+
+pytestmark = pytest.mark.skipif(libc() is None, reason="no inotify bells here: waiters poll")
+
+STORES: Dict[str, Callable[[Path], Adapter]] = {
+    "file": lambda tmp: FileAdapter(tmp / "locks"),
+    "sqlite": lambda tmp: SQLiteAdapter(tmp / "locks.sqlite3"),
+}
+URLS: Dict[str, Callable[[Path], str]] = {
+    "file": lambda tmp: f"file://{tmp / 'locks'}",
+    "sqlite": lambda tmp: f"sqlite:///{tmp / 'locks.sqlite3'}",
+}
+
+
+@pytest.fixture(params=[pytest.param("file", marks=needs_flock), "sqlite"])
+def kind(request: Any) -> str:
+    return str(request.param)
+
+
+def _waiter(adapter: Adapter, token: str, timeout: float, out: List[Optional[Lease]]) -> threading.Thread:
+    request = Request.make("job", token, 30.0)
+    thread = threading.Thread(target=lambda: out.append(adapter.acquire(request, timeout)), daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait_queued(adapter: Adapter, count: int) -> None:
+    """Until ``count`` waiters are queued for "job"; the queue is the store's own."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if _queue_length(adapter) >= count:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"{count} waiters never queued")
+
+
+def _queue_length(adapter: Adapter) -> int:
+    if isinstance(adapter, FileAdapter):
+        found: List[int] = []
+
+        def look(record: Any) -> Any:
+            found.append(len((record or {}).get("queue") or []))
+            return None, None
+
+        adapter._update("job", "read", look)
+        return found[0]
+    assert isinstance(adapter, SQLiteAdapter)
+    return int(
+        adapter._run(
+            "count", lambda c: c.execute("SELECT count(*) FROM brokerlock_waiters").fetchone()[0]
+        )
+    )
+
+
+def test_release_grants_the_head_and_its_news_suffices(kind: str, tmp_path: Path) -> None:
+    adapter = STORES[kind](tmp_path)
+    holder = Request.make("job", "holder", 30.0)
+    assert adapter.try_acquire(holder) is not None
+    got: List[Optional[Lease]] = []
+    first = _waiter(adapter, "first", 10.0, got)
+    _wait_queued(adapter, 1)
+    later: List[Optional[Lease]] = []
+    second = _waiter(STORES[kind](tmp_path), "second", 10.0, later)
+    _wait_queued(adapter, 2)
+    assert adapter.release("job", "holder")
+    first.join(5)
+    assert got and got[0] is not None and got[0].token == "first"
+    current = adapter.get("job")
+    assert current is not None and current.token == "first" and current.fence == got[0].fence
+    assert current.expires_at == got[0].expires_at
+    assert second.is_alive(), "the second waiter must wait for the first"
+    assert adapter.release("job", "first")
+    second.join(5)
+    assert later and later[0] is not None and later[0].token == "second"
+    assert later[0].fence > got[0].fence
+
+
+def test_a_lost_ring_leaves_the_grant_in_the_store(kind: str, tmp_path: Path, monkeypatch: Any) -> None:
+    """Without the news (a torn or clobbered ring), the waiter finds the grant itself."""
+    adapter = STORES[kind](tmp_path)
+    monkeypatch.setattr(type(adapter), "_granted", staticmethod(lambda request, news: None))
+    holder = Request.make("job", "holder", 30.0)
+    assert adapter.try_acquire(holder) is not None
+    got: List[Optional[Lease]] = []
+    waiter = _waiter(adapter, "waiter", 10.0, got)
+    _wait_queued(adapter, 1)
+    started = time.monotonic()
+    assert adapter.release("job", "holder")
+    waiter.join(5)
+    assert got and got[0] is not None and got[0].token == "waiter"
+    assert time.monotonic() - started < 0.9, "the bell woke it, not the 1 s safety net"
+    current = adapter.get("job")
+    assert current is not None and current.token == "waiter"
+
+
+def test_a_waiter_timing_out_as_it_is_granted_passes_the_lock_on(
+    kind: str, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The grant lands between the waiter's last look and its leaving the queue."""
+    adapter = STORES[kind](tmp_path)
+    other = STORES[kind](tmp_path)
+    holder = Request.make("job", "holder", 30.0)
+    assert other.try_acquire(holder) is not None
+    leave = type(adapter)._leave
+    released: List[bool] = []
+
+    def leave_after_the_grant(self: Any, name: str, *args: Any) -> Any:
+        released.append(other.release("job", "holder"))  # grants the lock to "late"
+        current = other.get("job")
+        assert current is not None and current.token == "late"
+        return leave(self, name, *args)
+
+    monkeypatch.setattr(type(adapter), "_leave", leave_after_the_grant)
+    got: List[Optional[Lease]] = []
+    late = _waiter(adapter, "late", 0.3, got)
+    _wait_queued(other, 1)
+    later: List[Optional[Lease]] = []
+    patient = _waiter(other, "patient", 10.0, later)
+    _wait_queued(other, 2)
+    late.join(5)
+    assert released == [True]
+    assert got == [None], "the waiter that gave up must not be told it holds the lock"
+    patient.join(5)
+    assert later and later[0] is not None and later[0].token == "patient"
+    current = other.get("job")
+    assert current is not None and current.token == "patient"
+
+
+_QUEUER = """
+import sys, time
+from brokerlock import BrokerLock
+item = BrokerLock.from_url(sys.argv[1]).item("job", ttl="30s", timeout="30s")
+print("waiting", flush=True)
+item.acquire()
+print("acquired", flush=True)
+time.sleep(60)
+"""
+
+
+@needs_witness
+def test_a_waiter_killed_after_its_grant_does_not_strand_the_lock(kind: str, tmp_path: Path) -> None:
+    url = URLS[kind](tmp_path)
+    holder = BrokerLock.from_url(url).item("job", ttl="30s", timeout="1s")
+    holder.acquire()
+    doomed = subprocess.Popen(
+        [sys.executable, "-c", _QUEUER, url], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert doomed.stdout is not None and doomed.stdout.readline().strip() == "waiting"
+        adapter = STORES[kind](tmp_path)
+        _wait_queued(adapter, 1)
+        # Stopped, the waiter cannot take the news; the grant is made to it all the same.
+        os.kill(doomed.pid, signal.SIGSTOP)
+        patient = BrokerLock.from_url(url).item("job", ttl="30s", timeout="10s")
+        got: List[bool] = []
+        thread = threading.Thread(target=lambda: got.append(bool(patient.acquire())), daemon=True)
+        thread.start()
+        _wait_queued(adapter, 2)
+        holder.release()
+        current = adapter.get("job")
+        assert current is not None and current.pid == doomed.pid, "the head is granted the lock"
+        started = time.monotonic()
+        os.kill(doomed.pid, signal.SIGKILL)
+        doomed.wait(5)
+        thread.join(5)
+        assert got == [True]
+        assert time.monotonic() - started < 2.0, "its death frees the lock, not the ttl"
+        patient.release()
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+            doomed.wait()
