@@ -194,3 +194,29 @@ def test_a_waiter_killed_after_its_grant_does_not_strand_the_lock(kind: str, tmp
         if doomed.poll() is None:
             doomed.kill()
             doomed.wait()
+
+
+def test_an_sqlite_store_of_an_older_version_gains_the_new_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "locks.sqlite3"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.execute("PRAGMA journal_mode=WAL")
+    old.execute(
+        "CREATE TABLE brokerlock_locks (name TEXT PRIMARY KEY, token TEXT, fence INTEGER NOT NULL, "
+        "acquired_at REAL, expires_at REAL, host TEXT, pid INTEGER, thread TEXT, witness TEXT)"
+    )
+    old.execute(
+        "CREATE TABLE brokerlock_waiters (ticket INTEGER PRIMARY KEY AUTOINCREMENT, "
+        "name TEXT NOT NULL, token TEXT NOT NULL, witness TEXT, until REAL NOT NULL, bell TEXT)"
+    )
+    old.execute("INSERT INTO brokerlock_locks (name, fence) VALUES ('job', 41)")
+    old.close()
+    adapter = SQLiteAdapter(path)
+    assert adapter.try_acquire(Request.make("job", "holder", 30.0)) is not None
+    got: List[Optional[Lease]] = []
+    waiter = _waiter(adapter, "waiter", 10.0, got)
+    _wait_queued(adapter, 1)
+    assert adapter.release("job", "holder")
+    waiter.join(5)
+    assert got and got[0] is not None and got[0].token == "waiter" and got[0].fence > 41

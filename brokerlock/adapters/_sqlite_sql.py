@@ -17,7 +17,8 @@ CREATE TABLE IF NOT EXISTS brokerlock_locks (
     host TEXT,
     pid INTEGER,
     thread TEXT,
-    witness TEXT
+    witness TEXT,
+    bell TEXT  -- the granted waiter's bell, for the release's RETURNING alone
 )
 """,
     """
@@ -111,12 +112,46 @@ FROM (
 WHERE brokerlock_locks.name = :name AND brokerlock_locks.token IS NULL
 RETURNING fence, acquired_at, expires_at
 """
+_L = "brokerlock_locks"
+_HEAD = (
+    "SELECT token, ttl, host, pid, thread, witness, bell FROM brokerlock_waiters "
+    "WHERE name = :name AND until > :now ORDER BY ticket LIMIT 1"
+)
+#: The release in one statement: the lease passes straight to the head of the queue,
+#: or is cleared when nobody waits (expires_at then kept, so the caller learns whether
+#: it had run out). A lease that ran out while others wait, or one that is not the
+#: caller's, matches nothing: FREE_LEASE and GRANT then take the careful way. Waiters
+#: queued by a version without the lease columns (pid NULL) are not granted anything.
+RELEASE = f"""
+UPDATE {_L} SET (token, fence, acquired_at, expires_at, host, pid, thread, witness, bell) = (
+    SELECT h.token,
+        CASE WHEN h.token IS NULL THEN {_L}.fence ELSE MAX({_L}.fence + 1, :clock_fence) END,
+        CASE WHEN h.token IS NULL THEN {_L}.acquired_at ELSE :now END,
+        CASE WHEN h.token IS NULL THEN {_L}.expires_at ELSE :now + h.ttl END,
+        CASE WHEN h.token IS NULL THEN {_L}.host ELSE h.host END,
+        CASE WHEN h.token IS NULL THEN {_L}.pid ELSE h.pid END,
+        CASE WHEN h.token IS NULL THEN {_L}.thread ELSE h.thread END,
+        h.witness, h.bell
+    FROM (SELECT 1) LEFT JOIN ({_HEAD}) AS h ON h.pid IS NOT NULL
+)
+WHERE name = :name AND token = :token AND (
+    expires_at IS NULL OR expires_at > :now
+    OR NOT EXISTS (SELECT 1 FROM brokerlock_waiters w WHERE w.name = :name AND w.until > :now)
+)
+RETURNING expires_at, token, fence, acquired_at, witness, bell
+"""
 JOIN_QUEUE = (
     "INSERT INTO brokerlock_waiters (name, token, witness, until, bell, ttl, host, pid, thread) "
     "VALUES (:name, :token, :witness, :until, :bell, :ttl, :host, :pid, :thread) RETURNING ticket"
 )
-#: Added to the queue of a store made by an earlier version (ALTER TABLE, one by one).
-QUEUE_COLUMNS = ("ttl REAL", "host TEXT", "pid INTEGER", "thread TEXT")
+#: Added to the tables of a store made by an earlier version (ALTER TABLE, one by one).
+NEW_COLUMNS = (
+    ("brokerlock_waiters", "ttl REAL"),
+    ("brokerlock_waiters", "host TEXT"),
+    ("brokerlock_waiters", "pid INTEGER"),
+    ("brokerlock_waiters", "thread TEXT"),
+    ("brokerlock_locks", "bell TEXT"),
+)
 LIVE = "token IS NOT NULL AND (expires_at IS NULL OR expires_at > :now)"
 
 SCHEMA_NAMES = (
@@ -126,9 +161,10 @@ SCHEMA_NAMES = (
     "brokerlock_granted_new",
     "brokerlock_granted",
 )
-#: How many of SCHEMA_NAMES exist, plus 1 if the queue has the lease columns: a store
-#: that is complete answers ``len(SCHEMA_NAMES) + 1``.
+#: How many of SCHEMA_NAMES exist, plus 1 for each table that has its newest column: a
+#: store that is complete answers ``len(SCHEMA_NAMES) + 2``.
 SCHEMA_CHECK = (
     "SELECT (SELECT count(*) FROM sqlite_master WHERE name IN (?, ?, ?, ?, ?)) + "
-    "(SELECT count(*) FROM pragma_table_info('brokerlock_waiters') WHERE name = 'thread')"
+    "(SELECT count(*) FROM pragma_table_info('brokerlock_waiters') WHERE name = 'thread') + "
+    "(SELECT count(*) FROM pragma_table_info('brokerlock_locks') WHERE name = 'bell')"
 )

@@ -149,17 +149,15 @@ class SQLiteAdapter(EmbeddedStore):
                     if str(mode).lower() != "wal":
                         raise sqlite3.OperationalError(f"cannot switch to WAL (journal mode is {mode})")
                 present = conn.execute(sql.SCHEMA_CHECK, sql.SCHEMA_NAMES).fetchone()[0]
-                if present != len(sql.SCHEMA_NAMES) + 1:
+                if present != len(sql.SCHEMA_NAMES) + 2:
                     conn.execute("BEGIN IMMEDIATE")
                     try:
                         for statement in sql.SCHEMA:
                             conn.execute(statement)
-                        columns = {
-                            row[1] for row in conn.execute("PRAGMA table_info(brokerlock_waiters)")
-                        }
-                        for column in sql.QUEUE_COLUMNS:
-                            if column.split()[0] not in columns:
-                                conn.execute(f"ALTER TABLE brokerlock_waiters ADD COLUMN {column}")
+                        for table, column in sql.NEW_COLUMNS:
+                            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+                            if column.split()[0] not in have:
+                                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
                         conn.execute("COMMIT")
                     except BaseException:
                         conn.execute("ROLLBACK")
@@ -452,11 +450,12 @@ class SQLiteAdapter(EmbeddedStore):
         )
 
     def _free(self, name: str, token: str, action: str) -> Optional[Tuple[Any, ...]]:
-        """Clear ``token``'s lease of ``name`` and hand the lock to the next waiter.
+        """End ``token``'s lease of ``name`` and hand the lock to the next waiter.
 
-        The queue's head comes back with the update itself, so a release nobody waits
-        for costs one statement. With a live head, a second statement grants it the
-        lock and its bell carries the news: the woken waiter then has nothing to do.
+        One statement grants the lock to the head of the queue, or clears it when nobody
+        waits, and the head's bell carries the news of the grant: the woken waiter then
+        has nothing left to do. A lease that is not the caller's, or ran out while
+        others wait, goes the careful way: cleared, then granted, step by step.
         """
         params = {"name": name, "token": token, "now": self._clock()}
 
@@ -472,12 +471,12 @@ class SQLiteAdapter(EmbeddedStore):
                 return bell or None, b"\1"
             return bell or None, grant_news(waiter, row[0], row[1], row[2])
 
-        try:  # the common case in one statement, without the retry machinery
-            row = self._conn(check_file=False).execute(sql.FREE_LEASE, params).fetchone()
-        except (sqlite3.Error, OSError):  # busy (the statement did nothing) or a fault:
-            row = self._run(  # retried or reported there
-                f"{action} {name!r}", lambda conn: conn.execute(sql.FREE_LEASE, params).fetchone()
-            )
+        released = self._release(name, {**params, "clock_fence": clock_fence()}, action)
+        if released is not None:
+            return released
+        row = self._run(
+            f"{action} {name!r}", lambda conn: conn.execute(sql.FREE_LEASE, params).fetchone()
+        )
         if row is None or row[1] is None:
             return row  # type: ignore[no-any-return]
         head = row[1]
@@ -485,6 +484,27 @@ class SQLiteAdapter(EmbeddedStore):
         bell, news = self._run(f"{action} {name!r}", lambda conn: hand_over(conn, head))
         if bell:
             self._bells.ring(bell, news)
+        return row  # type: ignore[no-any-return]
+
+    def _release(self, name: str, params: Dict[str, Any], action: str) -> Optional[Tuple[Any, ...]]:
+        """The common release in one statement (sql.RELEASE): the row, if it matched."""
+        try:  # without the retry machinery
+            row = self._conn(check_file=False).execute(sql.RELEASE, params).fetchone()
+        except (sqlite3.Error, OSError):  # busy (the statement did nothing) or a fault:
+            row = self._run(  # retried or reported there
+                f"{action} {name!r}", lambda conn: conn.execute(sql.RELEASE, params).fetchone()
+            )
+        if row is None or row[1] is None:
+            return row  # type: ignore[no-any-return]  # (None: the careful way)
+        expires_at, waiter, fence, acquired_at, witness, bell = row
+        if self._witness.is_alive(witness):
+            if bell:
+                self._bells.ring(bell, grant_news(waiter, fence, acquired_at, expires_at))
+            return row  # type: ignore[no-any-return]
+        # Granted to a waiter that had died: the next one finds its lease dead and takes it.
+        bell = self._run(f"{action} {name!r}", lambda conn: self._next_bell(conn, name, freed=True))
+        if bell:
+            self._bells.ring(bell)
         return row  # type: ignore[no-any-return]
 
     def release(self, name: str, token: str) -> bool:
