@@ -232,21 +232,22 @@ class PostgresAdapter(Adapter):
         if timeout == 0:
             return self.try_acquire(request)
         deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            # LISTEN before the first attempt queues us, so no hand-over goes unheard.
-            listener = self._listeners.mine()
-        except self._psycopg.Error as exc:
-            raise self._error(f"wait for {request.name!r}", exc) from None
-        member = listener.member(request.token)
         name = request.name
         if name not in self._contended:
-            # Free last time: try the cheaper statement that cannot queue us first.
+            # Free last time: try the cheaper statement that cannot queue us first (a
+            # thread that never has to wait never opens a listening session either).
             lease = self._try(request, None, None)[0]
             if lease is not None:
                 return lease
             if len(self._contended) >= MAX_CONTENDED:
                 self._contended.clear()  # a hint only: forgetting costs a statement
             self._contended.add(name)
+        try:
+            # LISTEN before the attempt that queues us, so no hand-over goes unheard.
+            listener = self._listeners.mine()
+        except self._psycopg.Error as exc:
+            raise self._error(f"wait for {name!r}", exc) from None
+        member = listener.member(request.token)
         # One statement: take the lock, or take our place in the queue.
         lease, left, arrival = self._try(request, None, member)
         if lease is not None:
