@@ -83,7 +83,7 @@ def _hand_over(freed: str) -> str:
     ``intact``) found, giving it to the head of the queue if there is one: the head
     leaves the queue and is notified with its lease, in this one statement.
 
-    One row: whether the lease was intact, and the waiter it went to (or NULL).
+    One row if ``freed`` found one (none else): whether the lease was intact.
     """
     return f"""WITH o AS ({freed}),
 h AS ({_HEAD.format(live=alive("q.holder"), extra=" AND EXISTS (SELECT 1 FROM o)")} FOR UPDATE OF q),
