@@ -152,6 +152,7 @@ NEW_COLUMNS = (
     ("brokerlock_waiters", "thread TEXT"),
     ("brokerlock_locks", "bell TEXT"),
 )
+HOLDER = f"SELECT {COLUMNS} FROM brokerlock_locks WHERE name = ?"
 LIVE = "token IS NOT NULL AND (expires_at IS NULL OR expires_at > :now)"
 
 SCHEMA_NAMES = (

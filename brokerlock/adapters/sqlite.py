@@ -340,12 +340,13 @@ class SQLiteAdapter(EmbeddedStore):
         if timeout == 0:
             return self.try_acquire(request)
         deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            lease = self._try_acquire(request, deadline)
-        except _OutOfTime:  # the store stayed busy until the wait was over
-            return None
-        if lease is not None:
-            return lease
+        params = self._params(request)
+        try:  # a free lock in one statement; anything else is the queue's business below
+            row = self._conn().execute(sql.ACQUIRE_NEW, params).fetchone()
+        except (sqlite3.Error, OSError):
+            row = None  # busy or a fault: the waiter's steps retry or report it
+        if row is not None:
+            return self._new_lease(request, params, int(row[0]))
         name, token = request.name, request.token
         witness = self._witness.mine()  # also creates the witness file the waiter watches
         bell = self._bells.make()
@@ -370,23 +371,32 @@ class SQLiteAdapter(EmbeddedStore):
                     # Granted the lock (see below), or our place ran out while we could not
                     # renew it (a pause, a clock step) and someone pruned it: then queue
                     # again rather than wait for nothing.
-                    lease = self._handed(conn, request)
-                    if lease is not None:
+                    holder = conn.execute(sql.HOLDER, (name,)).fetchone()
+                    if holder is not None and holder[1] == token:
                         ticket = None
-                        return lease, None, None
+                        return self._lease(holder), None, None
                     ticket = conn.execute(sql.JOIN_QUEUE, {**entry, "until": until}).fetchone()[0]
                 refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
-            # Bells wake only the waiter whose turn it is: try to take the lock at once,
-            # in one statement.
+            # A read first, which never waits for SQLite's write lock: granted (its news
+            # lost), or held by a live holder (then sleep until the bell or its expiry).
+            holder = conn.execute(sql.HOLDER, (name,)).fetchone()
+            if holder is not None and holder[1] == token:
+                ticket = None
+                return self._lease(holder), None, None
+            if (
+                holder is not None
+                and holder[1] is not None
+                and (holder[4] is None or holder[4] > now)
+                and self._witness.is_alive(holder[8])
+            ):
+                return None, holder[4], None
+            # Free, run out or its holder dead: take it if we head the queue, in one
+            # statement; dead waiters ahead of us make it fail, and are pruned below.
             params = self._params(request)
             row = conn.execute(sql.ACQUIRE_HEAD, params).fetchone()
             if row is not None:
                 ticket = None  # the trigger took us out of the queue
                 return self._new_lease(request, params, int(row[0])), None, None
-            lease = self._handed(conn, request)  # granted by a release; its news was lost
-            if lease is not None:
-                ticket = None
-                return lease, None, None
             conn.execute("BEGIN IMMEDIATE")
             try:
                 head, dead = self._head(conn, name, params["now"])
@@ -434,20 +444,6 @@ class SQLiteAdapter(EmbeddedStore):
         if bell:
             self._bells.ring(bell)
         self._free(name, token, "pass on")
-
-    def _handed(self, conn: sqlite3.Connection, request: Request) -> Optional[Lease]:
-        """The lease a release granted ``request``, found in the store."""
-        row = conn.execute(
-            "SELECT fence, acquired_at, expires_at FROM brokerlock_locks WHERE name = ? AND token = ?",
-            (request.name, request.token),
-        ).fetchone()
-        if row is None:
-            return None
-        fence, acquired_at, expires_at = row
-        return Lease(
-            request.name, request.token, fence, acquired_at, expires_at,
-            request.host, request.pid, request.thread,
-        )
 
     def _free(self, name: str, token: str, action: str) -> Optional[Tuple[Any, ...]]:
         """End ``token``'s lease of ``name`` and hand the lock to the next waiter.

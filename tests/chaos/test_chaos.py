@@ -102,8 +102,10 @@ def test_chaos(
     [
         # One private store per process: every process "holds" the lock at once.
         ("", "memory://", "issued twice"),
-        # Holders all look dead: live leases are taken over before they expire.
-        ("blind-witness", "sqlite", "lease of"),
+        # Holders all look dead: live leases are taken over before they expire. (On
+        # SQLite the blind store mostly stalls instead: its waiters, all "dead", prune
+        # one another out of the queue; the file store shows the overlaps quickly.)
+        ("blind-witness", "file", "lease of"),
     ],
 )
 def test_checker_catches_broken_stores(mutant: str, url: str, expect: str, tmp_path: Path) -> None:
