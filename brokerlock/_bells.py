@@ -21,7 +21,14 @@ import time
 from typing import Callable, Dict, Optional, Tuple
 
 from ._wakeup import _IN_CLOEXEC, _IN_NONBLOCK, CLOSED, MODIFIED, InotifyWaiter, libc
-from .adapters._files import O_CLOEXEC, O_NOFOLLOW, ensure_private_dir, open_private, write_at
+from .adapters._files import (
+    O_CLOEXEC,
+    O_NOFOLLOW,
+    ensure_private_dir,
+    open_private,
+    read_at,
+    write_at,
+)
 from .adapters.base import BackoffWaiter, Lease, Waiter
 from .errors import BrokerLockError
 
@@ -157,7 +164,7 @@ class Bells:
         if own is None or own.pid != os.getpid():
             return b""
         try:
-            return os.pread(own.fd, 256, 0)
+            return read_at(own.fd, 256, 0)
         except OSError:
             return b""
 

@@ -36,11 +36,12 @@ def _readable(sock: int, timeout: float) -> bool:
     if _poll is None:  # Windows
         return bool(select.select([sock], [], [], timeout)[0])
     poller = _poll()
-    poller.register(sock, select.POLLIN)
+    poller.register(sock, _POLLIN)
     return bool(poller.poll(math.ceil(timeout * 1000)))
 
 
 _poll = getattr(select, "poll", None)
+_POLLIN: int = getattr(select, "POLLIN", 1)  # (absent on Windows, where select() serves)
 
 
 def _for(member: str, payload: str) -> bool:
