@@ -220,3 +220,26 @@ def test_an_sqlite_store_of_an_older_version_gains_the_new_columns(tmp_path: Pat
     assert adapter.release("job", "holder")
     waiter.join(5)
     assert got and got[0] is not None and got[0].token == "waiter" and got[0].fence > 41
+
+
+@needs_flock
+def test_a_waiter_leaves_a_damaged_file_queue_cleanly(tmp_path: Path) -> None:
+    """Junk put into a record's queue while a waiter waits (a damaged or hand-edited
+    file) breaks neither the waiter's timing out nor the release after it."""
+    import json
+
+    adapter = FileAdapter(tmp_path / "locks")
+    assert adapter.try_acquire(Request.make("job", "holder", 30.0)) is not None
+    got: List[Optional[Lease]] = []
+    waiter = _waiter(adapter, "waiter", 1.0, got)
+    _wait_queued(adapter, 1)
+    path = adapter._path("job")
+    with open(path, encoding="utf-8") as f:
+        record = json.loads(f.read())
+    record["queue"] = [5, [], "junk", {"a": 1}] + record["queue"]
+    with open(path, "w", encoding="utf-8") as f:  # no ring: the waiter does not look
+        f.write(json.dumps(record))
+    waiter.join(5)
+    assert got == [None]
+    assert adapter.release("job", "holder")
+    assert adapter.try_acquire(Request.make("job", "next", 30.0)) is not None

@@ -273,7 +273,8 @@ class FileAdapter(EmbeddedStore):
             if record is None:
                 return None, None
             now = self._clock()
-            queue = record.get("queue") or []
+            # (A damaged record may hold anything: only our own well-formed entry goes.)
+            queue = [e for e in record.get("queue") or [] if isinstance(e, list) and e]
             if record.get("token") != token and not any(e[0] == token for e in queue):
                 return None, None
             new = {**record, "queue": [e for e in queue if e[0] != token]}
