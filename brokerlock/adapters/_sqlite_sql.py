@@ -113,10 +113,7 @@ WHERE brokerlock_locks.name = :name AND brokerlock_locks.token IS NULL
 RETURNING fence, acquired_at, expires_at
 """
 _L = "brokerlock_locks"
-_HEAD = (
-    "SELECT token, ttl, host, pid, thread, witness, bell FROM brokerlock_waiters "
-    "WHERE name = :name AND until > :now ORDER BY ticket LIMIT 1"
-)
+_HEAD = f"SELECT w.token, w.ttl, w.host, w.pid, w.thread, w.witness, w.bell {HEAD_OF_QUEUE}"
 #: The release in one statement: the lease passes straight to the head of the queue,
 #: or is cleared when nobody waits (expires_at then kept, so the caller learns whether
 #: it had run out). A lease that ran out while others wait, or one that is not the

@@ -98,15 +98,22 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
                 f"{self.url}: could not acquire {request.name!r}: database is locked"
             ) from None
 
+    def _take_if_free(self, request: Request, params: Dict[str, Any]) -> Optional[Lease]:
+        """The common case, a free lock, in one statement without the retry machinery.
+        ``None`` also when the store was busy or failed: the caller's careful path then
+        retries or reports it."""
+        try:
+            row = self._conn().execute(sql.ACQUIRE_NEW, params).fetchone()
+        except (sqlite3.Error, OSError):
+            return None
+        return None if row is None else self._new_lease(request, params, int(row[0]))
+
     def _try_acquire(self, request: Request, deadline: Optional[float]) -> Optional[Lease]:
         """One attempt; ``_OutOfTime`` if the store stays busy past ``deadline``."""
         params = self._params(request)
-        try:  # the common case, a free lock, in one statement and no retry machinery
-            row = self._conn().execute(sql.ACQUIRE_NEW, params).fetchone()
-        except (sqlite3.Error, OSError):
-            row = None  # busy or a fault: the careful path below retries or reports it
-        if row is not None:
-            return self._new_lease(request, params, int(row[0]))
+        lease = self._take_if_free(request, params)
+        if lease is not None:
+            return lease
 
         def attempt(conn: sqlite3.Connection) -> Optional[int]:
             fence = self._take(conn, params, newcomer=True)
@@ -177,12 +184,9 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
             return self.try_acquire(request)
         deadline = None if timeout is None else time.monotonic() + timeout
         params = self._params(request)
-        try:  # a free lock in one statement; anything else is the queue's business below
-            row = self._conn().execute(sql.ACQUIRE_NEW, params).fetchone()
-        except (sqlite3.Error, OSError):
-            row = None  # busy or a fault: the waiter's steps retry or report it
-        if row is not None:
-            return self._new_lease(request, params, int(row[0]))
+        lease = self._take_if_free(request, params)  # else the queue's business below
+        if lease is not None:
+            return lease
         name, token = request.name, request.token
         witness = self._witness.mine()  # also creates the witness file the waiter watches
         bell = self._bells.make()
