@@ -1,13 +1,12 @@
-"""Running the Redis store's scripts (and waiters' BLPOP) the lean way, on clients the
-adapter made itself.
+"""Running the Redis store's scripts the lean way, on clients the adapter made itself.
 
 Why not ``Script.__call__``: redis-py's general command path (its packer, which checks
 and encodes every argument, the retry wrapper, its metrics hooks) costs more client CPU
 than the server spends running our scripts, and every acquire and release is one
-script, every wake-up one BLPOP. The command is packed here and sent on a connection
-of the client's own pool, whose parser reads the reply. Only for clients made from a
-URL, whose settings we chose (no decoding, one immediate retry on a dropped
-connection); a client handed to the adapter keeps redis-py's path and its settings.
+script. The ``EVALSHA`` command is packed here and sent on a connection of the client's
+own pool, whose parser reads the reply. Only for clients made from a URL, whose settings
+we chose (no decoding, one immediate retry on a dropped connection); a client handed to
+the adapter keeps redis-py's path and its own settings.
 """
 
 from __future__ import annotations
@@ -43,32 +42,25 @@ class Caller:
         self._named = wants is not None and wants.default is inspect.Parameter.empty
 
     def __call__(self, script: Script, keys: List[str], args: List[Any]) -> Any:
-        """``EVALSHA`` of ``script``, loading it again if the server forgot it (a
-        restart, ``SCRIPT FLUSH``)."""
-        try:
-            return self.command([b"EVALSHA", script.sha, len(keys), *keys, *args])
-        except self._errors.NoScriptError:
-            script.sha = self._client.script_load(script.script)
-            return self.command([b"EVALSHA", script.sha, len(keys), *keys, *args])
-
-    def command(self, words: Sequence[Any]) -> Any:
-        """Send one command on a pooled connection; its reply, as redis-py parses it."""
-        packed = pack(words)
-        for attempt in (1, 2):
+        for attempt in (1, 2, 3):
+            command = pack([b"EVALSHA", script.sha, len(keys), *keys, *args])
             # Any: redis-py's Connection methods are not annotated.
             conn: Any = (
-                self._pool.get_connection(words[0]) if self._named else self._pool.get_connection()
+                self._pool.get_connection("EVALSHA") if self._named else self._pool.get_connection()
             )
             try:
-                conn.send_packed_command([packed])
+                conn.send_packed_command([command])
                 return conn.read_response()
-            except self._errors.ResponseError:
-                raise  # the server answered: the connection is fine
+            except self._errors.NoScriptError:
+                # The server forgot its scripts (a restart, SCRIPT FLUSH): load it again.
+                if attempt == 3:
+                    raise
+                script.sha = self._client.script_load(script.script)
             except self._errors.ConnectionError:
                 # A pooled connection that died while idle gets one retry on a new one,
-                # as the client's Retry does; every command we send is safe to repeat.
+                # as the client's Retry does; every script is safe to run twice.
                 conn.disconnect()
-                if attempt == 2:
+                if attempt >= 2:
                     raise
             except BaseException:
                 conn.disconnect()  # a reply may be on its way: never reuse this one

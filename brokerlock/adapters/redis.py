@@ -366,12 +366,7 @@ class RedisAdapter(Adapter):
         # BLPOP reads its timeout in milliseconds and 0 means "forever": never send less
         # than one.
         block = max(0.001, math.ceil(block * 1000) / 1000)
-        call = self._call
-        if call is None:
-            popped = self._run(f"wait for {name!r}", lambda: self._client.blpop([signal], timeout=block))
-        else:
-            words = [b"BLPOP", signal, repr(block)]
-            popped = self._run(f"wait for {name!r}", lambda: call.command(words))
+        popped = self._run(f"wait for {name!r}", lambda: self._client.blpop([signal], timeout=block))
         if not popped:
             return None
         value = _text(popped[1])
