@@ -99,19 +99,18 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
             ) from None
 
     def _take_if_free(self, request: Request, params: Dict[str, Any]) -> Optional[Lease]:
-        """The common case, a free lock, in one statement without the retry machinery.
-        ``None`` also when the store was busy or failed: the caller's careful path then
-        retries or reports it."""
-        try:
-            row = self._conn().execute(sql.ACQUIRE_NEW, params).fetchone()
-        except (sqlite3.Error, OSError):
-            return None
+        """The common case, a free lock, in one statement without the retry machinery;
+        a busy or failing store raises, for the caller's careful path to retry or report."""
+        row = self._conn().execute(sql.ACQUIRE_NEW, params).fetchone()
         return None if row is None else self._new_lease(request, params, int(row[0]))
 
     def _try_acquire(self, request: Request, deadline: Optional[float]) -> Optional[Lease]:
         """One attempt; ``_OutOfTime`` if the store stays busy past ``deadline``."""
         params = self._params(request)
-        lease = self._take_if_free(request, params)
+        try:
+            lease = self._take_if_free(request, params)
+        except (sqlite3.Error, OSError):
+            lease = None  # busy or a fault: the careful path below retries or reports it
         if lease is not None:
             return lease
 
@@ -184,7 +183,14 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
             return self.try_acquire(request)
         deadline = None if timeout is None else time.monotonic() + timeout
         params = self._params(request)
-        lease = self._take_if_free(request, params)  # else the queue's business below
+        try:
+            lease = self._take_if_free(request, params)  # else the queue's business below
+        except (sqlite3.Error, OSError):
+            # Busy, or a fault to report before a waiter makes its bell and queues.
+            try:
+                lease = self._try_acquire(request, deadline)
+            except _OutOfTime:  # the store stayed busy until the wait was over
+                return None
         if lease is not None:
             return lease
         name, token = request.name, request.token
