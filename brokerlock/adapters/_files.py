@@ -11,6 +11,8 @@ import errno
 import os
 import stat
 import sys
+import threading
+from typing import Callable, Dict
 
 from .._platform import HAVE_FCNTL
 from ..errors import BrokerLockError
@@ -121,3 +123,59 @@ def open_private(path: str, flags: int) -> int:
                 f"refusing to open {path}: it is a symbolic link, which a lock file never is"
             ) from None
         raise BrokerLockError(f"cannot open {path}: {exc.strerror}") from None
+
+
+# -- descriptors kept open between operations -------------------------------------------
+#: Bumped in a child after fork: descriptors opened before it share their open file
+#: description (and so their flock) with the parent, and must never be used again.
+_generation = 0
+
+
+def _forked() -> None:
+    global _generation
+    _generation += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
+class _Kept:
+    __slots__ = ("fd", "generation")
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.generation = fd, _generation
+
+    def __del__(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+class KeptFiles(threading.local):
+    """The calling thread's open descriptors by path, at most ``keep`` of them.
+
+    Opening and closing a file costs more than the read and write a lock operation
+    does on it, and all of it lies on the path of a hand-over. Kept per thread, not
+    per process: a flock belongs to an open file description, so two threads sharing
+    one descriptor would both get in.
+    """
+
+    def __init__(self, keep: int, opener: Callable[[str], int]) -> None:
+        self._keep, self._opener = keep, opener
+        self._open: Dict[str, _Kept] = {}
+
+    def get(self, path: str) -> int:
+        kept = self._open.get(path)
+        if kept is not None and kept.generation == _generation:
+            return kept.fd
+        fd = self._opener(path)
+        if kept is None and len(self._open) >= self._keep:
+            del self._open[next(iter(self._open))]  # the oldest; closed by _Kept
+        self._open[path] = _Kept(fd)
+        return fd
+
+    def drop(self, path: str) -> None:
+        """Close the descriptor of ``path``, if one is kept."""
+        self._open.pop(path, None)

@@ -28,10 +28,12 @@ from ._files import (
     NO_FLOCK,
     O_CLOEXEC,
     O_NOFOLLOW,
+    KeptFiles,
     ensure_private_dir,
     lock_file,
     open_private,
     read_at,
+    unlock_file,
     write_at,
 )
 from .base import Lease, Request, clock_fence
@@ -53,6 +55,8 @@ _ENTRY_SIZE = 8
 _READ_SIZE = 65536
 _DECODER = json.JSONDecoder()
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+#: Each thread keeps its last few records open (see ``KeptFiles``).
+_RECORDS = KeptFiles(8, lambda path: open_private(path, os.O_RDWR))
 
 
 def file_name(name: str) -> str:
@@ -92,9 +96,15 @@ class FileAdapter(EmbeddedStore):
     ) -> Any:
         """Run ``change(record) -> (result, new record or None)`` under the file's flock."""
         path = self._path(name)
-        fd = open_private(path, os.O_RDWR)
+        fd = _RECORDS.get(path)
         try:
             _flock(fd, path)
+            while not os.fstat(fd).st_nlink:
+                # Removed or replaced since this thread opened it: the file now at the
+                # path is the one everybody else locks.
+                _RECORDS.drop(path)
+                fd = _RECORDS.get(path)
+                _flock(fd, path)
             record, size = self._read(fd, path, name)
             result, new = change(record)
             if new is not None:
@@ -102,11 +112,14 @@ class FileAdapter(EmbeddedStore):
                 # Pad over a longer old record instead of truncating: one write, not two;
                 # readers decode the first JSON value and ignore the blanks after it.
                 write_at(fd, data.ljust(size), 0)
+            unlock_file(fd)
             return result
         except OSError as exc:
+            _RECORDS.drop(path)  # also drops the flock
             raise BrokerLockError(f"{self.url}: could not {action} {name!r}: {exc}") from None
-        finally:
-            os.close(fd)  # also drops the flock
+        except BaseException:
+            _RECORDS.drop(path)
+            raise
 
     def _read(self, fd: int, path: str, name: Optional[str]) -> Tuple[Optional[Record], int]:
         """The record in ``fd`` and the file's length."""
