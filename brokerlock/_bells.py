@@ -24,6 +24,7 @@ from ._wakeup import _IN_CLOEXEC, _IN_NONBLOCK, CLOSED, MODIFIED, InotifyWaiter,
 from .adapters._files import (
     O_CLOEXEC,
     O_NOFOLLOW,
+    KeptFiles,
     ensure_private_dir,
     open_private,
     read_at,
@@ -110,6 +111,16 @@ class _OwnBell:
 
 
 _own = threading.local()
+
+
+def _open_bell(path: str) -> int:
+    return os.open(path, os.O_WRONLY | O_NOFOLLOW | O_CLOEXEC)
+
+
+#: Bells this thread rang lately, kept open: the next release is likely to ring them
+#: again. A kept bell cannot turn into another waiter's: each is named once, at random,
+#: and a bell removed and made anew gets a new name; ringing a removed one wakes nobody.
+_RUNG_BELLS = KeptFiles(16, _open_bell)
 
 
 class Bells:
@@ -245,16 +256,16 @@ class Bells:
         nobody left to wake."""
         if not bell:
             return
+        path = self._path(bell)
         try:
-            fd = os.open(self._path(bell), os.O_WRONLY | O_NOFOLLOW | O_CLOEXEC)
+            fd = _RUNG_BELLS.get(path)
         except OSError:
             return
         try:
             write_at(fd, news, 0)
         except OSError as exc:
+            _RUNG_BELLS.drop(path)
             log.debug("could not ring bell %s: %s", bell, exc)
-        finally:
-            os.close(fd)
 
     def discard(self, bell: Optional[str]) -> None:
         """Remove the bell of a waiter that died."""
