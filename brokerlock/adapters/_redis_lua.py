@@ -89,9 +89,9 @@ local function grant(lock, fence_key, queue, waiting, signals, ttl, grace, name)
 end
 """
 
-# KEYS: lock, fence, queue, waiting. ARGV: token, ttl ms, name, host, pid, thread,
-# grace ms, presence, member, patience ms, queued ('1': wait in the queue if not taken),
-# the request for a direct hand-over (JSON: ttl ms, host, pid, thread).
+# KEYS: lock, fence, queue, waiting, our wake-up list. ARGV: token, ttl ms, name, host,
+# pid, thread, grace ms, presence, member, patience ms, queued ('1': wait in the queue if
+# not taken), the request for a direct hand-over (JSON: ttl ms, host, pid, thread).
 # Returns the lease's {fence, acquired, expires} (strings), or three integers:
 # {0, ms left on the live holder's lease (-1: no ttl), position} when held,
 # {1, ms the waiter ahead has left to take it, position} when another's turn,
@@ -104,7 +104,12 @@ local member = ARGV[9]
 local function queue_up()
     if ARGV[11] ~= '1' then return 3 end
     local patience = tonumber(ARGV[10])
-    redis.call('ZADD', KEYS[3], 'NX', now, member)
+    if redis.call('ZADD', KEYS[3], 'NX', now, member) == 1 then
+        -- (Re)joining: a grant leaves the queue and pushes the lease in one script, so a
+        -- lease on our list now is one that ended before we popped it (else the lock
+        -- would be ours, above). Left there, our next BLPOP would take it as the lock.
+        redis.call('DEL', KEYS[5])
+    end
     redis.call('ZADD', KEYS[4], now_ms + patience, member)
     local want = KEYS[3] .. '|want'
     redis.call('HSET', want, member, ARGV[12])

@@ -21,7 +21,9 @@ Keys, all under the prefix (``brokerlock:`` by default):
     lock to the first live waiter in its own script and pushes the lease onto that
     waiter's list, so the waiter has the lock when ``BLPOP`` returns; ``force_release``
     only wakes it. A waiter that gives up passes the lock or the wake-up on (and
-    releases a lock handed to it as it gave up).
+    releases a lock handed to it as it gave up). A waiter that joins the queue again
+    (it was handed the lock, but stopped past the lease before it popped it) has its
+    list emptied by the same script, so it never takes a grant that already ended.
 
 Each process keeps one presence connection subscribed to a random channel (see
 ``_redis_presence``) whose name it writes into its leases and queue places: a lease
@@ -225,6 +227,10 @@ class RedisAdapter(Adapter):
     def _queue(self, name: str) -> List[str]:
         return [self._key("queue", name), self._key("alive", name)]
 
+    def _signal(self, name: str, token: str) -> str:
+        """The wake-up list of the waiter with ``token``."""
+        return self._key("signal", name) + ":" + token
+
     def _wake_args(self, name: str) -> List[Any]:
         return [self._key("signal", name) + ":", SIGNAL_TTL_MS, GRACE_MS]
 
@@ -240,7 +246,8 @@ class RedisAdapter(Adapter):
             member = f"{request.token}|{presence}"
             reply = self._script(
                 f"acquire {name!r}", self._acquire,
-                [self._key("lock", name), self._key("fence", name), *self._queue(name)],
+                [self._key("lock", name), self._key("fence", name), *self._queue(name),
+                 self._signal(name, request.token)],
                 [request.token, _ttl_ms(request.ttl), name, request.host, str(request.pid),
                  request.thread, GRACE_MS, presence, member, PATIENCE_MS, "1" if queued else "",
                  json.dumps([_ttl_ms(request.ttl), request.host, str(request.pid), request.thread])
@@ -315,7 +322,7 @@ class RedisAdapter(Adapter):
             return self.try_acquire(request)
         name = request.name
         deadline = None if timeout is None else time.monotonic() + timeout
-        signal = self._key("signal", name) + ":" + request.token
+        signal = self._signal(name, request.token)
         reachable, members = True, set()
         lease: Optional[Lease] = None
         poll, watched = POLL_MIN, (-1, -1)
@@ -381,7 +388,7 @@ class RedisAdapter(Adapter):
                     [self._key("lock", name), self._key("fence", name), *self._queue(name)],
                     [member, *self._wake_args(name), name],
                 )
-            self._client.delete(self._key("signal", name) + ":" + request.token)
+            self._client.delete(self._signal(name, request.token))
         except (BrokerLockError, *self._errors) as exc:
             # Our place lapses by itself after PATIENCE_MS; the caller's error matters more.
             log.debug("could not leave the queue of %r: %s", name, exc)
