@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._platform import HAVE_FCNTL
 from ..errors import BrokerLockError
-from ._embedded import EmbeddedStore, grant_news
+from ._embedded import EmbeddedStore
+from ._file_record import Record, encode, grant_text, leased, stamp
 from ._files import (
     NO_FLOCK,
     O_CLOEXEC,
@@ -36,7 +37,7 @@ from ._files import (
     unlock_file,
     write_at,
 )
-from .base import Lease, Request, clock_fence
+from .base import Lease, Request
 
 log = logging.getLogger("brokerlock")
 
@@ -48,13 +49,11 @@ QUEUE_ENTRY_LIFE = 6.0
 #: debugger) must not hang everyone forever, so give up after this and say why.
 MUTEX_PATIENCE = 30.0
 
-Record = Dict[str, Any]
 #: A queue entry: ``[token, witness, until, bell, ttl, host, pid, thread]``, all that
 #: a release needs to grant the lock to the waiter.
 _ENTRY_SIZE = 8
 _READ_SIZE = 65536
 _DECODER = json.JSONDecoder()
-_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 #: Each thread keeps its last few records open (see ``KeptFiles``).
 _RECORDS = KeptFiles(8, lambda path: open_private(path, os.O_RDWR))
 
@@ -108,7 +107,7 @@ class FileAdapter(EmbeddedStore):
             record, size = self._read(fd, path, name)
             result, new = change(record)
             if new is not None:
-                data = _ENCODE(new).encode("utf-8")
+                data = encode(new)
                 # Pad over a longer old record instead of truncating: one write, not two;
                 # readers decode the first JSON value and ignore the blanks after it.
                 write_at(fd, data.ljust(size), 0)
@@ -179,7 +178,7 @@ class FileAdapter(EmbeddedStore):
     ) -> Tuple[Lease, Record]:
         """The record after ``request`` took the lock; ``queue`` is the live queue, as the
         caller already found it."""
-        new = _leased(
+        new = leased(
             record, request.name, now, request.token, self._witness.mine(), request.ttl,
             request.host, request.pid, request.thread,
             [e for e in queue if e[0] != request.token],
@@ -198,8 +197,8 @@ class FileAdapter(EmbeddedStore):
         if not queue:
             return {**record, "token": None, "witness": None}, None
         token, witness, _until, bell, ttl, host, pid, thread = queue[0]
-        new = _leased(record, record["name"], now, token, witness, ttl, host, pid, thread, queue[1:])
-        return new, (bell, grant_news(token, new["fence"], now, new["expires_at"]))
+        new = leased(record, record["name"], now, token, witness, ttl, host, pid, thread, queue[1:])
+        return new, (bell, grant_text(token, new["fence"], new["acquired_at"], new["expires_at"]))
 
     # -- the contract -----------------------------------------------------------
     def try_acquire(self, request: Request) -> Optional[Lease]:
@@ -334,7 +333,7 @@ class FileAdapter(EmbeddedStore):
             now = self._clock()
             if record is None or record.get("token") != token or not self._holds(record, now):
                 return None, None
-            new = {**record, "expires_at": None if ttl is None else now + ttl}
+            new = {**record, "expires_at": None if ttl is None else stamp(now + ttl)}
             return self._lease(new), new
 
         return self._update(name, "extend", change)  # type: ignore[no-any-return]
@@ -393,25 +392,6 @@ def _flock(fd: int, path: str) -> None:
             )
         time.sleep(delay)
         delay = min(max(delay * 2, 0.00005), 0.005)
-
-
-def _leased(
-    record: Optional[Record], name: str, now: float, token: str, witness: Optional[str],
-    ttl: Optional[float], host: str, pid: int, thread: str, queue: List[List[Any]],
-) -> Record:
-    """The record of a new lease; its fence is above every earlier one (see clock_fence)."""
-    return {
-        "name": name,
-        "token": token,
-        "fence": max(record["fence"] + 1 if record else 0, clock_fence()),
-        "acquired_at": now,
-        "expires_at": None if ttl is None else now + ttl,
-        "host": host,
-        "pid": pid,
-        "thread": thread,
-        "witness": witness,
-        "queue": queue,
-    }
 
 
 def _expiry(record: Optional[Record]) -> Optional[float]:

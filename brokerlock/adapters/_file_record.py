@@ -1,0 +1,102 @@
+"""The lock file's record: plain JSON, written by hand.
+
+The format is the one ``json.dumps`` gives (every version reads every other's), but
+writing it with the json module cost a lock operation more than its system calls: a
+fifth of a release went to printing float time stamps in their shortest round-trip
+form (bignum arithmetic in ``dtoa``) and escaping the same ten keys every time. Here
+the keys are literals and time stamps live on a microsecond grid, printed from
+integers; anything unexpected in a record (a damaged one, one from another version)
+goes through the json module as before.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List, Optional
+
+from .base import clock_fence
+
+Record = Dict[str, Any]
+
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+_escape = json.encoder.encode_basestring_ascii
+_KEYS = frozenset(
+    ("name", "token", "fence", "acquired_at", "expires_at", "host", "pid", "thread", "witness", "queue")
+)
+
+
+def stamp(t: float) -> float:
+    """``t`` on the microsecond grid: written and read back, it stays the same float."""
+    return round(t * 1e6) / 1e6
+
+
+def stamp_text(t: Optional[float]) -> str:
+    """``t`` as JSON, exact for a ``stamp()``; ``None`` is ``null``."""
+    if t is None:
+        return "null"
+    if type(t) is float or type(t) is int:
+        try:
+            whole, micro = divmod(round(t * 1e6), 1000000)
+        except (OverflowError, ValueError):  # inf, nan: not a time we write
+            return _ENCODE(t)
+        return f"{whole}.{micro:06d}"
+    return _ENCODE(t)
+
+
+def _value(v: Any) -> str:
+    if type(v) is str:
+        return _escape(v)
+    if v is None:
+        return "null"
+    if type(v) is int:
+        return str(v)
+    return _ENCODE(v)
+
+
+def _entry(e: Any) -> str:
+    if type(e) is not list or len(e) != 8:
+        return _ENCODE(e)
+    token, witness, until, bell, ttl, host, pid, thread = e
+    return (
+        f"[{_value(token)},{_value(witness)},{stamp_text(until)},{_value(bell)},"
+        f"{_value(ttl)},{_value(host)},{_value(pid)},{_value(thread)}]"
+    )
+
+
+def encode(record: Record) -> bytes:
+    """``record`` as the JSON text of a lock file."""
+    queue = record.get("queue")
+    if record.keys() != _KEYS or type(queue) is not list:
+        return _ENCODE(record).encode("utf-8")
+    return (
+        f'{{"name":{_value(record["name"])},"token":{_value(record["token"])},'
+        f'"fence":{_value(record["fence"])},"acquired_at":{stamp_text(record["acquired_at"])},'
+        f'"expires_at":{stamp_text(record["expires_at"])},"host":{_value(record["host"])},'
+        f'"pid":{_value(record["pid"])},"thread":{_value(record["thread"])},'
+        f'"witness":{_value(record["witness"])},"queue":[{",".join(map(_entry, queue))}]}}'
+    ).encode()
+
+
+def leased(
+    record: Optional[Record], name: str, now: float, token: str, witness: Optional[str],
+    ttl: Optional[float], host: str, pid: int, thread: str, queue: List[List[Any]],
+) -> Record:
+    """The record of a new lease; its fence is above every earlier one (see clock_fence)."""
+    return {
+        "name": name,
+        "token": token,
+        "fence": max(record["fence"] + 1 if record else 0, clock_fence()),
+        "acquired_at": stamp(now),
+        "expires_at": None if ttl is None else stamp(now + ttl),
+        "host": host,
+        "pid": pid,
+        "thread": thread,
+        "witness": witness,
+        "queue": queue,
+    }
+
+
+def grant_text(token: str, fence: int, acquired_at: float, expires_at: Optional[float]) -> bytes:
+    """``grant_news`` (see ``_embedded``) for a record's stamps, printed the cheap way."""
+    expires = "None" if expires_at is None else stamp_text(expires_at)
+    return f"G{token},{fence},{stamp_text(acquired_at)},{expires};".encode("ascii", "replace")

@@ -1,0 +1,148 @@
+"""The lock-file store's record format and its kept descriptors.
+
+The record is written by hand (``_file_record``) for speed; it must stay the JSON
+that every version of the store reads. Each thread keeps its records open
+(``KeptFiles``); a record removed or replaced under it, or a fork, must never let a
+stale descriptor decide who holds a lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, List
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from stores import needs_flock
+
+from brokerlock import BrokerLock, FileAdapter, LockLost
+from brokerlock.adapters._file_record import encode, grant_text, leased, stamp
+from brokerlock.adapters._files import KeptFiles
+from brokerlock.adapters.file import _RECORDS
+
+texts = st.text(max_size=20)
+stamps = st.floats(min_value=0, max_value=4e9, allow_nan=False).map(stamp)
+ttls = st.none() | st.floats(min_value=1e-3, max_value=1e6, allow_nan=False)
+entries = st.tuples(
+    texts, st.none() | texts, stamps, st.none() | texts, ttls, texts, st.integers(0, 2**31), texts
+).map(list)
+
+
+@given(
+    name=texts, token=st.none() | texts, fence=st.integers(0, 2**63),
+    acquired=stamps, expires=st.none() | stamps, host=texts, pid=st.integers(0, 2**31),
+    thread=texts, witness=st.none() | texts, queue=st.lists(entries, max_size=3),
+)
+def test_a_record_reads_back_as_the_json_module_reads_it(
+    name: str, token: Any, fence: int, acquired: float, expires: Any, host: str, pid: int,
+    thread: str, witness: Any, queue: List[Any],
+) -> None:
+    record = {
+        "name": name, "token": token, "fence": fence, "acquired_at": acquired,
+        "expires_at": expires, "host": host, "pid": pid, "thread": thread,
+        "witness": witness, "queue": queue,
+    }
+    assert json.loads(encode(record)) == record
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"name": "x", "fence": 3, "token": None, "damaged": True},  # not the usual keys
+        {"name": "x", "token": "t", "fence": 1, "acquired_at": 1.5, "expires_at": float("inf"),
+         "host": "h", "pid": True, "thread": ["odd"], "witness": 7, "queue": [["short"], "junk"]},
+    ],
+)
+def test_an_unusual_record_is_written_by_the_json_module(record: Any) -> None:
+    assert json.loads(encode(record)) == record
+
+
+def test_a_grant_carries_the_stamps_of_the_record_exactly() -> None:
+    new = leased(None, "x", 1795815820.4796512, "tok", None, 60.0, "h", 1, "t", [])
+    text = grant_text("tok", new["fence"], new["acquired_at"], new["expires_at"]).decode()
+    _token, _fence, acquired, expires = text[1:-1].split(",")
+    assert float(acquired) == new["acquired_at"] == json.loads(encode(new))["acquired_at"]
+    assert float(expires) == new["expires_at"] == json.loads(encode(new))["expires_at"]
+
+
+@needs_flock
+def test_a_record_replaced_under_a_kept_descriptor_is_not_trusted(tmp_path: Path) -> None:
+    """Someone deletes the lock file while this thread keeps it open: the file now at
+    the path decides, as it would for a process that opens it anew."""
+    adapter = FileAdapter(tmp_path)
+    first = BrokerLock(adapter).item("job", ttl="60s")
+    first.acquire()
+    os.unlink(adapter._path("job"))
+    taken = threading.Event()
+
+    def other() -> None:
+        BrokerLock(adapter).item("job", ttl="60s").acquire()
+        taken.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join(10)
+    assert taken.is_set()
+    with pytest.raises(LockLost):
+        first.release()  # its record went with the old file
+    holder = adapter.get("job")
+    assert holder is not None and holder.thread == thread.name
+
+
+@needs_flock
+def test_a_forked_child_never_uses_its_parents_kept_descriptor(tmp_path: Path) -> None:
+    """A descriptor inherited through fork shares its flock with the parent: the child
+    must open its own, which the parent's flock then keeps out."""
+    kept = KeptFiles(4, lambda path: os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    path = str(tmp_path / "record")
+    fd = kept.get(path)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit status
+        status = 3
+        try:
+            child_fd = kept.get(path)
+            try:
+                fcntl.flock(child_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                status = 1  # got in beside the parent
+            except BlockingIOError:
+                status = 0
+        finally:
+            os._exit(status)
+    _pid, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert kept.get(path) == fd  # the parent's own stays kept
+
+
+def test_a_thread_keeps_only_its_last_few_records(tmp_path: Path) -> None:
+    opened: List[int] = []
+
+    def opener(path: str) -> int:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        opened.append(fd)
+        return fd
+
+    kept = KeptFiles(2, opener)
+    paths = [str(tmp_path / f"r{i}") for i in range(3)]
+    for path in paths:
+        kept.get(path)
+    with pytest.raises(OSError):
+        os.fstat(opened[0])  # the oldest was closed to make room
+    assert kept.get(paths[2]) == opened[2] and len(opened) == 3
+
+
+def test_threads_do_not_share_kept_records(tmp_path: Path) -> None:
+    """A flock belongs to the open file description: one shared by two threads would
+    let both into a record at once."""
+    path = str(tmp_path / "x.lock")
+    mine = _RECORDS.get(path)
+    theirs: List[int] = []
+    thread = threading.Thread(target=lambda: theirs.append(_RECORDS.get(path)))
+    thread.start()
+    thread.join()
+    assert theirs and theirs[0] != mine
