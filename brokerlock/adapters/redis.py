@@ -41,11 +41,11 @@ import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, TypeVar
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from ..errors import BrokerLockError
 from ._redis_lua import ACQUIRE, EXTEND, FORCE_RELEASE, LEAVE, READ, RELEASE
 from ._redis_presence import presence_for
+from ._redis_url import display_url, split_url
 from .base import Adapter, Lease, Request
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ class RedisAdapter(Adapter):
         driver = _driver()
         self._errors = (driver.exceptions.RedisError,)
         if isinstance(url_or_client, str):
-            url, prefix = self._split_url(url_or_client, prefix)
+            url, prefix = split_url(url_or_client, prefix)
             from redis.backoff import NoBackoff
             from redis.retry import Retry
 
@@ -147,7 +147,8 @@ class RedisAdapter(Adapter):
             self.server = str(kwargs["path"])
         else:
             self.server = f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
-        self.url = self._display_url(kwargs)
+        ssl = issubclass(client.connection_pool.connection_class, driver.SSLConnection)
+        self.url = display_url(kwargs, self.server, self.prefix, ssl)
         socket_timeout = kwargs.get("socket_timeout")
         # A BLPOP must end well before the socket gives up on its reply, or the wake-up
         # it carried would be popped on the server and lost on the way.
@@ -159,32 +160,6 @@ class RedisAdapter(Adapter):
         self._leave = client.register_script(LEAVE)
         self._read = client.register_script(READ)
         self._presence = presence_for(f"{self.server} {kwargs.get('username') or ''}", driver, client)
-
-    @staticmethod
-    def _split_url(url: str, prefix: str) -> tuple[str, str]:
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        for key, value in query:
-            if key == "prefix":
-                prefix = value
-        rest = urlencode([(k, v) for k, v in query if k != "prefix"])
-        return urlunsplit(parts._replace(query=rest)), prefix
-
-    def _display_url(self, kwargs: Dict[str, Any]) -> str:
-        """A URL that reaches this store again, without the password."""
-        user = kwargs.get("username")
-        auth = quote(user, safe="") + "@" if user else ""
-        if kwargs.get("path"):
-            base = f"unix://{auth}{kwargs['path']}?db={kwargs.get('db', 0)}"
-            sep = "&"
-        else:
-            ssl = issubclass(self._client.connection_pool.connection_class, _driver().SSLConnection)
-            scheme = "rediss" if ssl else "redis"
-            base = f"{scheme}://{auth}{self.server}/{kwargs.get('db', 0)}"
-            sep = "?"
-        if self.prefix != "brokerlock:":
-            base += sep + urlencode({"prefix": self.prefix})
-        return base
 
     # -- plumbing ---------------------------------------------------------------
     def _key(self, kind: str, name: str) -> str:
