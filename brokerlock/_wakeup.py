@@ -99,7 +99,7 @@ class InotifyWaiter(Waiter):
 
     def _drain(self) -> bool:
         try:
-            data = os.read(self._fd, 65536)
+            data = os.read(self._fd, 4096)
         except BlockingIOError:
             return False
         hit = False
