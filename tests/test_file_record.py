@@ -146,3 +146,28 @@ def test_threads_do_not_share_kept_records(tmp_path: Path) -> None:
     thread.start()
     thread.join()
     assert theirs and theirs[0] != mine
+
+
+def test_many_threads_keep_few_descriptors(tmp_path: Path) -> None:
+    """Beyond one each, threads together keep at most the budget: a server with
+    hundreds of threads must not run out of descriptors for our convenience."""
+    kept = KeptFiles(8, lambda path: os.open(path, os.O_RDWR | os.O_CREAT, 0o600), budget=4)
+    done = threading.Barrier(11)
+    counts: List[int] = []
+
+    def work(me: int) -> None:
+        for i in range(3):
+            kept.get(str(tmp_path / f"t{me}-{i}"))
+        done.wait()  # all threads alive, holding what they kept
+        counts.append(len(kept._tally))
+        done.wait()
+
+    threads = [threading.Thread(target=work, args=(me,)) for me in range(10)]
+    for thread in threads:
+        thread.start()
+    done.wait()
+    done.wait()
+    for thread in threads:
+        thread.join()
+    assert counts and max(counts) <= 10 + 4  # one each, and the budget's few more
+    assert len(kept._tally) == 0  # the threads' descriptors went with them

@@ -12,7 +12,7 @@ import os
 import stat
 import sys
 import threading
-from typing import Callable, Dict
+from typing import Callable, Dict, Set
 
 from .._platform import HAVE_FCNTL
 from ..errors import BrokerLockError
@@ -141,41 +141,56 @@ if hasattr(os, "register_at_fork"):
 
 
 class _Kept:
-    __slots__ = ("fd", "generation")
+    __slots__ = ("fd", "generation", "tally")
 
-    def __init__(self, fd: int) -> None:
-        self.fd, self.generation = fd, _generation
+    def __init__(self, fd: int, tally: Set[int]) -> None:
+        self.fd, self.generation, self.tally = fd, _generation, tally
+        tally.add(id(self))  # (set.add and discard are atomic: no lock in __del__)
 
     def __del__(self) -> None:
+        self.tally.discard(id(self))
         try:
             os.close(self.fd)
         except OSError:
             pass
 
 
-class KeptFiles(threading.local):
-    """The calling thread's open descriptors by path, at most ``keep`` of them.
+class KeptFiles:
+    """The calling thread's open descriptors by path: at most ``keep`` of them, and
+    beyond one each, at most ``budget`` for all threads together.
 
     Opening and closing a file costs more than the read and write a lock operation
     does on it, and all of it lies on the path of a hand-over. Kept per thread, not
     per process: a flock belongs to an open file description, so two threads sharing
-    one descriptor would both get in.
+    one descriptor would both get in. The budget keeps a server with hundreds of
+    threads from spending its descriptors (``ulimit -n``) on our convenience.
     """
 
-    def __init__(self, keep: int, opener: Callable[[str], int]) -> None:
-        self._keep, self._opener = keep, opener
-        self._open: Dict[str, _Kept] = {}
+    def __init__(self, keep: int, opener: Callable[[str], int], budget: int = 64) -> None:
+        self._keep, self._opener, self._budget = keep, opener, budget
+        self._local = threading.local()
+        self._tally: Set[int] = set()  # id() of every kept descriptor, in all threads
+
+    def _open(self) -> Dict[str, _Kept]:
+        try:
+            return self._local.open  # type: ignore[no-any-return]
+        except AttributeError:
+            mine: Dict[str, _Kept] = {}
+            self._local.open = mine  # dropped, and its descriptors closed, with the thread
+            return mine
 
     def get(self, path: str) -> int:
-        kept = self._open.get(path)
+        mine = self._open()
+        kept = mine.get(path)
         if kept is not None and kept.generation == _generation:
             return kept.fd
         fd = self._opener(path)
-        if kept is None and len(self._open) >= self._keep:
-            del self._open[next(iter(self._open))]  # the oldest; closed by _Kept
-        self._open[path] = _Kept(fd)
+        if kept is None:
+            while mine and (len(mine) >= self._keep or len(self._tally) >= self._budget):
+                del mine[next(iter(mine))]  # the oldest; closed by _Kept
+        mine[path] = _Kept(fd, self._tally)
         return fd
 
     def drop(self, path: str) -> None:
         """Close the descriptor of ``path``, if one is kept."""
-        self._open.pop(path, None)
+        self._open().pop(path, None)
