@@ -43,6 +43,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, TypeVar
 
 from ..errors import BrokerLockError
+from ._redis_call import Caller
 from ._redis_lua import ACQUIRE, EXTEND, FORCE_RELEASE, LEAVE, READ, RELEASE
 from ._redis_presence import presence_for
 from ._redis_url import display_url, split_url
@@ -159,6 +160,7 @@ class RedisAdapter(Adapter):
         self._extend = client.register_script(EXTEND)
         self._leave = client.register_script(LEAVE)
         self._read = client.register_script(READ)
+        self._call = Caller(client) if self._own_client else None
         self._presence = presence_for(f"{self.server} {kwargs.get('username') or ''}", driver, client)
 
     # -- plumbing ---------------------------------------------------------------
@@ -172,7 +174,10 @@ class RedisAdapter(Adapter):
             raise BrokerLockError(f"Redis at {self.server}: could not {action}: {exc}") from None
 
     def _script(self, action: str, script: Any, keys: List[str], args: List[Any]) -> Any:
-        return self._run(action, lambda: script(keys=keys, args=args))
+        call = self._call
+        if call is None:
+            return self._run(action, lambda: script(keys=keys, args=args))
+        return self._run(action, lambda: call.script(script, keys, args))
 
     @staticmethod
     def _lease(fields: Dict[str, Any]) -> Optional[Lease]:
@@ -246,24 +251,21 @@ class RedisAdapter(Adapter):
         raise BrokerLockError(f"Redis at {self.server}: the presence connection keeps failing")
 
     def release(self, name: str, token: str) -> bool:
-        released = self._run(
-            f"release {name!r}",
-            lambda: self._release(
-                keys=[self._key("lock", name), self._key("fence", name), *self._queue(name)],
-                args=[token, *self._wake_args(name), name],
-            ),
+        released = self._script(
+            f"release {name!r}", self._release,
+            [self._key("lock", name), self._key("fence", name), *self._queue(name)],
+            [token, *self._wake_args(name), name],
         )
         return bool(released)
 
     def extend(self, name: str, token: str, ttl: Optional[float]) -> Optional[Lease]:
-        reply = self._run(
-            f"extend {name!r}",
-            lambda: self._extend(keys=[self._key("lock", name)], args=[token, _ttl_ms(ttl)]),
+        reply = self._script(
+            f"extend {name!r}", self._extend, [self._key("lock", name)], [token, _ttl_ms(ttl)]
         )
         return self._lease(self._fields(reply)) if reply else None
 
     def get(self, name: str) -> Optional[Lease]:
-        flat = self._run(f"read {name!r}", lambda: self._read(keys=[self._key("lock", name)]))
+        flat = self._script(f"read {name!r}", self._read, [self._key("lock", name)], [])
         return self._lease(self._fields(flat))
 
     def list(self) -> List[Lease]:
@@ -283,11 +285,9 @@ class RedisAdapter(Adapter):
         return sorted(leases, key=lambda lease: lease.name)
 
     def force_release(self, name: str) -> bool:
-        broken = self._run(
-            f"break {name!r}",
-            lambda: self._force(
-                keys=[self._key("lock", name), *self._queue(name)], args=["", *self._wake_args(name)]
-            ),
+        broken = self._script(
+            f"break {name!r}", self._force,
+            [self._key("lock", name), *self._queue(name)], ["", *self._wake_args(name)],
         )
         return bool(broken)
 
@@ -345,10 +345,15 @@ class RedisAdapter(Adapter):
         block = self._block_cap if timeout is None else min(timeout, self._block_cap)
         if block <= 0:
             return None
-        # BLPOP reads its timeout in milliseconds and 0 means "forever": never send less
-        # than one.
+        # In whole milliseconds, at least one (0 means "forever"); the cap keeps it under
+        # the socket's timeout (see _redis_call).
         block = max(0.001, math.ceil(block * 1000) / 1000)
-        popped = self._run(f"wait for {name!r}", lambda: self._client.blpop([signal], timeout=block))
+        call = self._call
+        popped = self._run(
+            f"wait for {name!r}",
+            lambda: call.command((b"BLPOP", signal, f"{block:.3f}")) if call
+            else self._client.blpop([signal], timeout=block),
+        )
         if not popped:
             return None
         value = _text(popped[1])
