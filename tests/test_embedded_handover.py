@@ -243,3 +243,31 @@ def test_a_waiter_leaves_a_damaged_file_queue_cleanly(tmp_path: Path) -> None:
     assert got == [None]
     assert adapter.release("job", "holder")
     assert adapter.try_acquire(Request.make("job", "next", 30.0)) is not None
+
+
+def test_a_grant_read_after_its_lease_ran_out_is_not_taken(kind: str, tmp_path: Path) -> None:
+    """A waiter stopped between the ring and its reading of the news (here: its clock
+    jumps 100 s, as if it had been stopped that long) must not walk in with a lease
+    that already ran out, while somebody else may hold the lock: the store decides."""
+    late = {"by": 0.0}
+
+    def clock() -> float:
+        ahead = late["by"] if threading.current_thread().name == "late-reader" else 0.0
+        return time.time() + ahead
+
+    path = tmp_path / ("locks" if kind == "file" else "locks.sqlite3")
+    adapter: Adapter = FileAdapter(path, clock=clock) if kind == "file" else SQLiteAdapter(path, clock=clock)
+    assert adapter.try_acquire(Request.make("job", "holder", 30.0)) is not None
+    got: List[Optional[Lease]] = []
+    request = Request.make("job", "late", 30.0)
+    thread = threading.Thread(
+        target=lambda: got.append(adapter.acquire(request, 10.0)), name="late-reader", daemon=True
+    )
+    thread.start()
+    _wait_queued(adapter, 1)
+    late["by"] = 100.0
+    adapter.release("job", "holder")  # grants "late" a lease until now + 30 s
+    thread.join(5)
+    assert got and got[0] is not None and got[0].token == "late"
+    # Not the granted lease (expiring in 30 s) but one it took by its own clock.
+    assert got[0].expires_at is not None and got[0].expires_at > time.time() + 60

@@ -23,10 +23,11 @@ class EmbeddedStore(Adapter):
     def now(self) -> float:
         return self._clock()
 
-    @staticmethod
-    def _granted(request: Request, news: bytes) -> Optional[Lease]:
+    def _granted(self, request: Request, news: bytes) -> Optional[Lease]:
         """The lease that a bell's ``news`` grants ``request``, if the news is of a grant
-        to it (see ``grant_news``)."""
+        to it (see ``grant_news``) and its lease has not run out: a waiter stopped
+        between the ring and its reading of the news must not walk in on whoever took
+        the lock after its lease; the store then tells it where it stands."""
         try:
             text = news.decode("ascii").split(";", 1)[0]
             if not text.startswith("G"):
@@ -34,9 +35,11 @@ class EmbeddedStore(Adapter):
             token, fence, acquired, expires = text[1:].split(",")
             if token != request.token:
                 return None  # news of an earlier wait, or a torn ring: the store decides
+            until = None if expires == "None" else float(expires)
+            if until is not None and until <= self._clock():
+                return None
             return Lease(
-                request.name, token, int(fence), float(acquired),
-                None if expires == "None" else float(expires),
+                request.name, token, int(fence), float(acquired), until,
                 request.host, request.pid, request.thread,
             )
         except ValueError:

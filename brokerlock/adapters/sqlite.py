@@ -207,28 +207,30 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
         def step(conn: sqlite3.Connection) -> Tuple[Optional[Lease], Optional[float], Optional[str]]:
             nonlocal ticket, refresh_at
             now = self._clock()
-            if ticket is None or time.monotonic() >= refresh_at:
-                until = now + QUEUE_ENTRY_LIFE
-                if ticket is None:
-                    ticket = conn.execute(sql.JOIN_QUEUE, {**entry, "until": until}).fetchone()[0]
-                elif not conn.execute(
-                    "UPDATE brokerlock_waiters SET until = ? WHERE ticket = ?", (until, ticket)
+            if ticket is not None and time.monotonic() >= refresh_at:
+                if conn.execute(
+                    "UPDATE brokerlock_waiters SET until = ? WHERE ticket = ?",
+                    (now + QUEUE_ENTRY_LIFE, ticket),
                 ).rowcount:
-                    # Granted the lock (see below), or our place ran out while we could not
-                    # renew it (a pause, a clock step) and someone pruned it: then queue
-                    # again rather than wait for nothing.
-                    holder = conn.execute(sql.HOLDER, (name,)).fetchone()
-                    if holder is not None and holder[1] == token:
-                        ticket = None
-                        return self._lease(holder), None, None
-                    ticket = conn.execute(sql.JOIN_QUEUE, {**entry, "until": until}).fetchone()[0]
-                refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
+                    refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
+                else:
+                    # Granted the lock (the holder read below tells), or our place ran
+                    # out while we could not renew it (a pause, a clock step) and someone
+                    # pruned it: then queue again rather than wait for nothing.
+                    ticket = None
             # A read first, which never waits for SQLite's write lock: granted (its news
             # lost), or held by a live holder (then sleep until the bell or its expiry).
             holder = conn.execute(sql.HOLDER, (name,)).fetchone()
             if holder is not None and holder[1] == token:
-                ticket = None
-                return self._lease(holder), None, None
+                if holder[4] is None or holder[4] > now:
+                    ticket = None
+                    return self._lease(holder), None, None
+                # Granted, but the lease ran out before we learned of it (we were
+                # stopped): it is not ours to walk in with; queue again.
+            if ticket is None:
+                until = now + QUEUE_ENTRY_LIFE
+                ticket = conn.execute(sql.JOIN_QUEUE, {**entry, "until": until}).fetchone()[0]
+                refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
             if (
                 holder is not None
                 and holder[1] is not None
