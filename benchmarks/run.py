@@ -14,6 +14,7 @@ brokerlock back end failed); missed targets are reported, not failed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -128,6 +129,40 @@ def _finish(result: KindResult, procs: Sequence[Any], shared: Any, stage: str, p
         result.violations.append(
             f"{stage}: shared counter is {shared[workload.COUNTER]} after {reported} acquisitions"
         )
+
+
+def _round_plan(plan: Plan, rounds: int) -> Plan:
+    """One round's share of ``plan``'s contention figures."""
+    return dataclasses.replace(
+        plan,
+        uncontended_seconds=plan.uncontended_seconds / rounds,
+        uncontended_max=max(1, plan.uncontended_max // rounds),
+        handoff_seconds=plan.handoff_seconds / rounds,
+        handoff_min=max(1, -(-plan.handoff_min // rounds)),
+        handoff_max=max(1, plan.handoff_max // rounds),
+        throughput_seconds=plan.throughput_seconds / rounds,
+    )
+
+
+def _merge(into: KindResult, round_result: KindResult) -> None:
+    """Add one round's figures to the lock's: samples pooled, throughput counts summed
+    (over the rounds' windows, which add up to the plan's)."""
+    into.errors += round_result.errors
+    into.violations += round_result.violations
+    for phase, by_who in round_result.phases.items():
+        mine = into.phases.setdefault(phase, {})
+        for who, data in by_who.items():
+            old = mine.get(who)
+            if old is None:
+                mine[who] = dict(data)
+                continue
+            for key, value in data.items():
+                if key.endswith("_ns") and isinstance(value, list):
+                    old[key] = old[key] + value
+                elif key.startswith("worst"):
+                    old[key] = max(old[key], value)
+                elif isinstance(value, (int, float)):
+                    old[key] = old[key] + value
 
 
 def contention_stage(kind: Kind, env: Env, plan: Plan, result: KindResult) -> None:
@@ -563,6 +598,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "broken lock, which must make the run fail)",
     )
     parser.add_argument("--out", help="write the results as JSON to this file")
+    parser.add_argument(
+        "--rounds", type=int, default=3,
+        help="measure each lock in this many interleaved rounds (full run; default 3)",
+    )
     args = parser.parse_args(argv)
     families = [f.strip() for f in args.backends.split(",") if f.strip()]
     unknown = set(families) - {*kinds_module.FAMILIES, "selftest"}
@@ -604,20 +643,31 @@ def main(argv: Optional[List[str]] = None) -> int:
                     why_not = reasons[kind.needs]
                 result.reason = why_not
                 print(f"{kind.name}: n/a ({why_not})", flush=True)
-                continue
-            t0 = time.monotonic()
-            try:
-                prepare = kinds_module.PREPARE.get(kind.name)
-                if prepare:
-                    prepare(env)
-                contention_stage(kind, env, plan, result)
-            except Exception as exc:
-                result.errors.append(f"set-up: {type(exc).__name__}: {exc}")
-            status = "; ".join(result.errors + result.violations) or "ok"
-            print(
-                f"[{time.monotonic() - started:.0f} s] {kind.name}: {time.monotonic() - t0:.1f} s, {status}",
-                flush=True,
-            )
+        # Every lock measured in a few short rounds, one after the other, rather than
+        # each in one go: a burst of load on the machine (a neighbour on the host) then
+        # lands on all the locks alike instead of spoiling one of them.
+        rounds = 1 if args.quick else args.rounds
+        part = _round_plan(plan, rounds)
+        for round_no in range(rounds):
+            for kind, result in results:
+                if result.reason is not None or result.errors:
+                    continue
+                t0 = time.monotonic()
+                this = KindResult(kind)
+                try:
+                    prepare = kinds_module.PREPARE.get(kind.name)
+                    if prepare:
+                        prepare(env)
+                    contention_stage(kind, env, part, this)
+                except Exception as exc:
+                    this.errors.append(f"set-up: {type(exc).__name__}: {exc}")
+                _merge(result, this)
+                status = "; ".join(this.errors + this.violations) or "ok"
+                print(
+                    f"[{time.monotonic() - started:.0f} s] round {round_no + 1}/{rounds} "
+                    f"{kind.name}: {time.monotonic() - t0:.1f} s, {status}",
+                    flush=True,
+                )
         runnable = [(k, r) for k, r in results if r.reason is None and not r.errors]
         print(
             f"CPU of blocked waiters ({len(runnable)} locks at once, {plan.cpu_hold_seconds:g} s)...",
