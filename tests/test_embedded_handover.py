@@ -271,3 +271,51 @@ def test_a_grant_read_after_its_lease_ran_out_is_not_taken(kind: str, tmp_path: 
     assert got and got[0] is not None and got[0].token == "late"
     # Not the granted lease (expiring in 30 s) but one it took by its own clock.
     assert got[0].expires_at is not None and got[0].expires_at > time.time() + 60
+
+
+def test_a_release_just_after_a_waiters_look_still_wakes_it(tmp_path: Path, monkeypatch: Any) -> None:
+    """The SQLite waiter's step reads the holder to decide whether to sleep. A release
+    landing right after that read must find the waiter already queued, and ring it:
+    with the safety net out of the way, a lost wake-up here shows as a timeout."""
+    from brokerlock import _bells
+    from brokerlock.adapters import _sqlite_sql as sql
+
+    monkeypatch.setattr(_bells, "SAFETY_NET", 60.0)
+    path = tmp_path / "locks.sqlite3"
+    waiter_side, holder_side = SQLiteAdapter(path), SQLiteAdapter(path)
+    assert holder_side.try_acquire(Request.make("job", "holder", 60.0)) is not None
+    released = threading.Event()
+
+    class Looked:
+        """The waiter's connection: releases the holder right after the first look."""
+
+        def __init__(self, conn: Any) -> None:
+            self._conn = conn
+
+        def execute(self, query: str, *args: Any) -> Any:
+            cursor = self._conn.execute(query, *args)
+            if query == sql.HOLDER and not released.is_set():
+                rows = cursor.fetchall()
+                released.set()
+                assert holder_side.release("job", "holder")
+                return _Rows(rows)
+            return cursor
+
+    class _Rows:
+        def __init__(self, rows: List[Any]) -> None:
+            self._rows = rows
+
+        def fetchone(self) -> Any:
+            return self._rows[0] if self._rows else None
+
+    real_run = waiter_side._run
+
+    def run(action: str, fn: Callable[[Any], Any], deadline: Optional[float] = None) -> Any:
+        return real_run(action, lambda conn: fn(Looked(conn)), deadline)
+
+    monkeypatch.setattr(waiter_side, "_run", run)
+    started = time.monotonic()
+    lease = waiter_side.acquire(Request.make("job", "waiter", 60.0), 5.0)
+    assert released.is_set()
+    assert lease is not None and lease.token == "waiter", "the release's wake-up was lost"
+    assert time.monotonic() - started < 5.0

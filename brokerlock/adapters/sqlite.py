@@ -207,34 +207,41 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
         def step(conn: sqlite3.Connection) -> Tuple[Optional[Lease], Optional[float], Optional[str]]:
             nonlocal ticket, refresh_at
             now = self._clock()
-            if ticket is not None and time.monotonic() >= refresh_at:
-                if conn.execute(
-                    "UPDATE brokerlock_waiters SET until = ? WHERE ticket = ?",
-                    (now + QUEUE_ENTRY_LIFE, ticket),
+            if ticket is None or time.monotonic() >= refresh_at:
+                until = now + QUEUE_ENTRY_LIFE
+                if ticket is None:
+                    ticket = conn.execute(sql.JOIN_QUEUE, {**entry, "until": until}).fetchone()[0]
+                elif not conn.execute(
+                    "UPDATE brokerlock_waiters SET until = ? WHERE ticket = ?", (until, ticket)
                 ).rowcount:
-                    refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
-                else:
-                    # Granted the lock (the holder read below tells), or our place ran
-                    # out while we could not renew it (a pause, a clock step) and someone
-                    # pruned it: then queue again rather than wait for nothing.
-                    ticket = None
+                    # Granted the lock (see below), or our place ran out while we could not
+                    # renew it (a pause, a clock step) and someone pruned it: then queue
+                    # again rather than wait for nothing.
+                    holder = conn.execute(sql.HOLDER, (name,)).fetchone()
+                    if holder is not None and holder[1] == token and _live(holder, now):
+                        ticket = None
+                        return self._lease(holder), None, None
+                    ticket = conn.execute(sql.JOIN_QUEUE, {**entry, "until": until}).fetchone()[0]
+                refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
             # A read first, which never waits for SQLite's write lock: granted (its news
             # lost), or held by a live holder (then sleep until the bell or its expiry).
+            # It must come after the join: a release from then on finds us and rings.
             holder = conn.execute(sql.HOLDER, (name,)).fetchone()
             if holder is not None and holder[1] == token:
-                if holder[4] is None or holder[4] > now:
+                if _live(holder, now):
                     ticket = None
                     return self._lease(holder), None, None
                 # Granted, but the lease ran out before we learned of it (we were
-                # stopped): it is not ours to walk in with; queue again.
-            if ticket is None:
+                # stopped): not ours to walk in with. Our place went with the grant:
+                # queue again and take the lock below like any head of the queue (what
+                # follows never sleeps on this read: its lease is not live).
                 until = now + QUEUE_ENTRY_LIFE
                 ticket = conn.execute(sql.JOIN_QUEUE, {**entry, "until": until}).fetchone()[0]
                 refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
             if (
                 holder is not None
                 and holder[1] is not None
-                and (holder[4] is None or holder[4] > now)
+                and _live(holder, now)
                 and self._witness.is_alive(holder[8])
             ):
                 return None, holder[4], None
@@ -392,3 +399,8 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
     def force_release(self, name: str) -> bool:
         lease = self.get(name)
         return lease is not None and self._free(name, lease.token, "break") is not None
+
+
+def _live(holder: Tuple[Any, ...], now: float) -> bool:
+    """Whether the lease in a ``sql.HOLDER`` row has not run out."""
+    return holder[4] is None or bool(holder[4] > now)
