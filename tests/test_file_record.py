@@ -171,3 +171,13 @@ def test_many_threads_keep_few_descriptors(tmp_path: Path) -> None:
         thread.join()
     assert counts and max(counts) <= 10 + 4  # one each, and the budget's few more
     assert len(kept._tally) == 0  # the threads' descriptors went with them
+
+
+def test_entries_equal_in_python_but_not_in_json_are_written_apart() -> None:
+    """Written entries are remembered by content: 1, 1.0 and True are equal keys to
+    Python, and must still come back as what they were."""
+    base = leased(None, "x", 1795815820.25, "tok", None, 60.0, "h", 1, "t", [])
+    for ttl in (60, 60.0, True):
+        record = {**base, "queue": [["w", None, 1795815826.5, "b", ttl, "h", 2, "t"]]}
+        back = json.loads(encode(record))["queue"][0][4]
+        assert back == ttl and type(back) is type(ttl)

@@ -12,7 +12,7 @@ goes through the json module as before.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .base import clock_fence
 
@@ -20,6 +20,7 @@ Record = Dict[str, Any]
 
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 _escape = json.encoder.encode_basestring_ascii
+_FINITE_MIN, _FINITE_MAX = -1.7976931348623157e308, 1.7976931348623157e308
 _KEYS = frozenset(
     ("name", "token", "fence", "acquired_at", "expires_at", "host", "pid", "thread", "witness", "queue")
 )
@@ -50,17 +51,35 @@ def _value(v: Any) -> str:
         return "null"
     if type(v) is int:
         return str(v)
+    if type(v) is float and _FINITE_MIN <= v <= _FINITE_MAX:
+        return repr(v)  # what the json module writes for a finite float, without its set-up
     return _ENCODE(v)
+
+
+#: Queue entries already written, by content. A queued waiter's entry is rewritten
+#: unchanged by every operation on its lock until the waiter refreshes it (seconds),
+#: and a queue of eight cost a release more than all the rest of the record.
+_ENTRY_TEXT: Dict[Tuple[Any, ...], str] = {}
 
 
 def _entry(e: Any) -> str:
     if type(e) is not list or len(e) != 8:
         return _ENCODE(e)
-    token, witness, until, bell, ttl, host, pid, thread = e
-    return (
-        f"[{_value(token)},{_value(witness)},{stamp_text(until)},{_value(bell)},"
-        f"{_value(ttl)},{_value(host)},{_value(pid)},{_value(thread)}]"
-    )
+    key = (*e, *map(type, e))  # (types too: 1 == 1.0 == True, but they print apart)
+    try:
+        text = _ENTRY_TEXT.get(key)
+    except TypeError:  # an unhashable member: only a damaged record has one
+        return _ENCODE(e)
+    if text is None:
+        token, witness, until, bell, ttl, host, pid, thread = e
+        text = (
+            f"[{_value(token)},{_value(witness)},{stamp_text(until)},{_value(bell)},"
+            f"{_value(ttl)},{_value(host)},{_value(pid)},{_value(thread)}]"
+        )
+        if len(_ENTRY_TEXT) >= 1024:
+            _ENTRY_TEXT.clear()
+        _ENTRY_TEXT[key] = text
+    return text
 
 
 def encode(record: Record) -> bytes:
