@@ -98,13 +98,15 @@ class FileAdapter(EmbeddedStore):
         fd = _RECORDS.get(path)
         try:
             _flock(fd, path)
-            while not os.fstat(fd).st_nlink:
+            info = os.fstat(fd)
+            while not info.st_nlink:
                 # Removed or replaced since this thread opened it: the file now at the
                 # path is the one everybody else locks.
                 _RECORDS.drop(path)
                 fd = _RECORDS.get(path)
                 _flock(fd, path)
-            record, size = self._read(fd, path, name)
+                info = os.fstat(fd)
+            record, size = self._read(fd, path, name, info.st_size)
             result, new = change(record)
             if new is not None:
                 data = encode(new)
@@ -120,14 +122,19 @@ class FileAdapter(EmbeddedStore):
             _RECORDS.drop(path)
             raise
 
-    def _read(self, fd: int, path: str, name: Optional[str]) -> Tuple[Optional[Record], int]:
-        """The record in ``fd`` and the file's length."""
-        raw = read_at(fd, _READ_SIZE, 0)
-        while len(raw) % _READ_SIZE == 0 and raw:  # a record longer than one read
+    def _read(
+        self, fd: int, path: str, name: Optional[str], size: int = _READ_SIZE
+    ) -> Tuple[Optional[Record], int]:
+        """The record in ``fd`` and the file's length; ``size``, the length it is
+        expected to have, sizes the read (a read buffer is allocated whole first)."""
+        want = size + 64
+        raw = read_at(fd, want, 0)
+        while len(raw) == want:  # longer than expected
             more = read_at(fd, _READ_SIZE, len(raw))
             if not more:
                 break
             raw += more
+            want = len(raw)
         if not raw.strip():
             return None, len(raw)
         try:
