@@ -34,6 +34,10 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
 #: How long one statement may wait for SQLite's write lock before we report the store
 #: as stuck; contention is microseconds, so this only trips on a wedged writer.
 BUSY_TIMEOUT = 30.0
+#: Times a busy statement is tried again at once, after yielding the CPU, before the
+#: retries back off with sleeps.
+_YIELDS = 4
+_yield: Callable[[], None] = getattr(os, "sched_yield", lambda: time.sleep(0))
 
 
 def _prepare_database_file(path: str) -> None:
@@ -160,6 +164,7 @@ class SQLiteConnections:
         """
         delay = 0.00002
         give_up = 0.0
+        tries = 0
         while True:
             try:
                 return fn(self._conn())
@@ -173,6 +178,12 @@ class SQLiteConnections:
                     raise _OutOfTime from None
                 if now > give_up:
                     self._fail(action, exc)
+                tries += 1
+                if tries <= _YIELDS:
+                    # The writer in our way is most likely done within microseconds;
+                    # the shortest sleep lasts 50 µs or more (the kernel's timer slack).
+                    _yield()
+                    continue
                 time.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 0.005)
             except sqlite3.DatabaseError as exc:
