@@ -47,7 +47,7 @@ def test_a_grant_that_expired_on_the_wake_up_list_is_not_taken_later(url: str) -
         assert first is not None
         request = Request.make("job", "b" * 32, 0.05)
         # The waiter's loop, step one: it queues behind the holder...
-        lease, code, _look_by, position, _member = waiter._try(request, True)
+        lease, code, _look_by, position, _member, _server = waiter._try(request, True)
         assert (lease, code, position) == (None, 0, 1)
         # ...and before its BLPOP the release hands it the lock, onto its wake-up list.
         assert holder.release("job", first.token)
@@ -78,7 +78,7 @@ def test_a_waiter_granted_while_between_steps_still_gets_its_live_lease(url: str
         first = holder.try_acquire(Request.make("job", "a" * 32, 10.0))
         assert first is not None
         request = Request.make("job", "b" * 32, 10.0)
-        lease, code, _look_by, _position, _member = waiter._try(request, True)
+        lease, code, _look_by, _position, _member, _server = waiter._try(request, True)
         assert lease is None and code == 0
         assert holder.release("job", first.token)
         got = waiter.acquire(request, 1.0)
@@ -87,3 +87,32 @@ def test_a_waiter_granted_while_between_steps_still_gets_its_live_lease(url: str
     finally:
         holder.close()
         waiter.close()
+
+
+
+def test_a_grant_read_after_its_lease_ran_out_is_not_taken(url: str) -> None:
+    """The waiter was stopped after the release pushed its grant and read it only after
+    the lease ran out on the server and another client took the lock: it must not walk
+    in beside that holder. Whether the grant ran out is judged by the server's clock at
+    the waiter's last script plus the time that passed since, not by the local clock."""
+    holder, waiter, other = RedisAdapter(url), RedisAdapter(url), RedisAdapter(url)
+    try:
+        first = holder.try_acquire(Request.make("job", "a" * 32, 10.0))
+        assert first is not None
+        request = Request.make("job", "b" * 32, 0.05)
+        lease, code, _look_by, _position, _member, server = waiter._try(request, True)
+        assert lease is None and code == 0
+        assert holder.release("job", first.token)  # pushed onto the waiter's list
+        _wait_until_free(holder, "job")  # the waiter is stopped past its lease
+        taken = other.try_acquire(Request.make("job", "c" * 32, 10.0))
+        assert taken is not None
+        pushed = waiter._block("job", waiter._signal("job", request.token), 1.0)
+        assert pushed is not None, "the release's grant was not on the list"
+        assert waiter._granted(request, pushed, server) is None
+        # A grant read in time is taken as it is.
+        live = Request.make("job", "d" * 32, 10.0)
+        assert waiter._granted(live, pushed.rsplit(" ", 1)[0] + " " + str(int((time.time() + 60) * 1e6)),
+                               server) is not None
+    finally:
+        for adapter in (holder, waiter, other):
+            adapter.close()

@@ -92,11 +92,13 @@ end
 # KEYS: lock, fence, queue, waiting, our wake-up list. ARGV: token, ttl ms, name, host,
 # pid, thread, grace ms, presence, member, patience ms, queued ('1': wait in the queue if
 # not taken), the request for a direct hand-over (JSON: ttl ms, host, pid, thread).
-# Returns the lease's {fence, acquired, expires} (strings), or three integers:
-# {0, ms left on the live holder's lease (-1: no ttl), position} when held,
-# {1, ms the waiter ahead has left to take it, position} when another's turn,
-# {2, 0, 0} when our own presence is gone. Position: 1 first in line, 2 second, 3 later
-# (or not queued). A newcomer never takes the lock while anyone lives in the queue.
+# Returns the lease's {fence, acquired, expires} (strings), or four integers:
+# {0, ms left on the live holder's lease (-1: no ttl), position, now} when held,
+# {1, ms the waiter ahead has left to take it, position, now} when another's turn,
+# {2, 0, 0, now} when our own presence is gone. Position: 1 first in line, 2 second, 3
+# later (or not queued); now: the server's clock in ms, which a waiter uses to tell a
+# grant that ran out before it read it. A newcomer never takes the lock while anyone
+# lives in the queue.
 ACQUIRE = QUEUE + """
 local now = now_us()
 local now_ms = math.floor(now / 1000)
@@ -131,14 +133,14 @@ if held[1] then
     end
     if alive(held[2]) then
         local position = queue_up()
-        return {0, redis.call('PTTL', KEYS[1]), position}
+        return {0, redis.call('PTTL', KEYS[1]), position, now_ms}
     end
 end
-if not alive(ARGV[8]) then return {2, 0, 0} end
+if not alive(ARGV[8]) then return {2, 0, 0, now_ms} end
 local first = head(KEYS[3], KEYS[4], now_ms)
 if first and first ~= member then
     local position = queue_up()
-    return {1, hurry(KEYS[4], first, now_ms, tonumber(ARGV[7])), position}
+    return {1, hurry(KEYS[4], first, now_ms, tonumber(ARGV[7])), position, now_ms}
 end
 if first then drop(KEYS[3], KEYS[4], member) end
 local fence = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, now)

@@ -217,9 +217,12 @@ class RedisAdapter(Adapter):
     def try_acquire(self, request: Request) -> Optional[Lease]:
         return self._try(request, False)[0]
 
-    def _try(self, request: Request, queued: bool) -> Tuple[Optional[Lease], int, float, int, str]:
+    def _try(
+        self, request: Request, queued: bool
+    ) -> Tuple[Optional[Lease], int, float, int, str, float]:
         """The lease, or ``None`` with what the script said: code (0 held, 1 another
-        waiter's turn), seconds to look again by (-1: none), position; and our member."""
+        waiter's turn), seconds to look again by (-1: none), position; our member; and
+        the server's clock in seconds, less the monotonic time its reply came in."""
         name = request.name
         for _attempt in (1, 2):
             presence = self._run(f"acquire {name!r}", self._presence.current)
@@ -234,20 +237,22 @@ class RedisAdapter(Adapter):
                  if queued else ""],
             )
             if isinstance(reply[0], int):
-                code, ms, position = (int(x) for x in reply)
+                arrived = time.monotonic()
+                code, ms, position, server_ms = (int(x) for x in reply)
                 if code == 2:
                     # Our presence connection is gone (a restart, a dropped connection):
                     # a lease named after it would be free for anyone, so get a new one.
                     log.warning("%s: presence connection lost; opening a new one", self.server)
                     self._run("renew the presence", functools.partial(self._presence.renew, presence))
                     continue
-                return None, code, (ms / 1000 + 0.001 if ms >= 0 else -1.0), position, member
+                look_by = ms / 1000 + 0.001 if ms >= 0 else -1.0
+                return None, code, look_by, position, member, server_ms / 1000 - arrived
             fence, acquired, expires = reply
             lease = Lease(
                 name, request.token, int(_text(fence)), _seconds(acquired) or 0.0,
                 _seconds(expires), request.host, request.pid, request.thread,
             )
-            return lease, 0, 0.0, 0, member
+            return lease, 0, 0.0, 0, member, 0.0
         raise BrokerLockError(f"Redis at {self.server}: the presence connection keeps failing")
 
     def release(self, name: str, token: str) -> bool:
@@ -305,7 +310,7 @@ class RedisAdapter(Adapter):
             while True:
                 # One script: take the lock, or take (or keep) our place in the queue,
                 # so that a release after it finds us and pushes our wake-up.
-                lease, code, look_by, position, member = self._try(request, True)
+                lease, code, look_by, position, member, server_offset = self._try(request, True)
                 if lease is not None:
                     return lease
                 members.add(member)
@@ -324,12 +329,9 @@ class RedisAdapter(Adapter):
                 granted = self._block(name, signal, bound)
                 if granted is not None:
                     # The release handed us the lock in its own script.
-                    fence, acquired, expires = granted.split(" ")
-                    lease = Lease(
-                        name, request.token, int(fence), _seconds(acquired) or 0.0,
-                        _seconds(expires), request.host, request.pid, request.thread,
-                    )
-                    return lease
+                    lease = self._granted(request, granted, server_offset)
+                    if lease is not None:
+                        return lease
         except BrokerLockError:
             # The server is gone: our place lapses by itself, and trying to leave would
             # only delay the error by another timeout.
@@ -338,6 +340,23 @@ class RedisAdapter(Adapter):
         finally:
             if lease is None and reachable and members:
                 self._give_up(request, members)
+
+    @staticmethod
+    def _granted(request: Request, granted: str, server_offset: float) -> Optional[Lease]:
+        """The lease a release pushed to us (``"fence acquired expires"``), unless it
+        ran out before we read it: by the server's clock at our last script plus what
+        passed here since (at most the server's time now, whatever the clocks' skew).
+        A waiter stopped between the push and its reading must not walk in with it, the
+        lock may be another's by now: the script, next, queues it again."""
+        fence, acquired, expires = granted.split(" ")
+        until = _seconds(expires)
+        if until is not None and until <= server_offset + time.monotonic():
+            log.debug("a grant of %r ran out before we read it", request.name)
+            return None
+        return Lease(
+            request.name, request.token, int(fence), _seconds(acquired) or 0.0,
+            until, request.host, request.pid, request.thread,
+        )
 
     def _block(self, name: str, signal: str, timeout: Optional[float]) -> Optional[str]:
         """Wait for a wake-up; the lease (``"fence acquired expires"``) if it handed
