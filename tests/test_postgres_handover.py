@@ -16,12 +16,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import pytest
 
 from brokerlock import BrokerLock, PostgresAdapter
-from brokerlock.adapters.base import Request
+from brokerlock.adapters import postgres
+from brokerlock.adapters._postgres_listen import Listener
+from brokerlock.adapters.base import Lease, Request
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
@@ -42,7 +44,7 @@ def _queue(adapter: PostgresAdapter, name: str) -> Tuple[Request, str]:
     """A waiter that has taken its place in the queue and does not wait (yet)."""
     request = Request.make(name, uuid.uuid4().hex, 30.0)
     member = adapter._listeners.mine().member(request.token)
-    lease, _left, arrival = adapter._try(request, None, member)
+    lease, _left, arrival, _offset = adapter._try(request, None, member)
     assert lease is None and arrival is not None
     return request, member
 
@@ -233,3 +235,91 @@ def test_a_name_found_held_queues_at_once_next_time(adapter: PostgresAdapter) ->
     assert lease is not None, "queued at once, and the lock was free"
     assert "job" not in adapter._contended, "found free: the cheaper attempt comes first again"
     assert adapter.release("job", lease.token)
+
+
+def _queue_length(adapter: PostgresAdapter, name: str) -> int:
+    queue = adapter._ident.as_string(None)[:-1] + '_queue"'
+    row = adapter._run("count", lambda c: c.execute(
+        f"SELECT count(*) FROM {queue} WHERE name = %s", (name,)).fetchone())
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.parametrize("case", ["intact", "ran-out", "ran-out-and-taken"])
+def test_a_grant_read_after_its_lease_ran_out_is_not_taken(
+    adapter: PostgresAdapter, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """A waiter stopped between the NOTIFY and its reading of it (here: its monotonic
+    clock jumps 100 s, as if it had been stopped that long) must not walk in with a
+    lease that already ran out, while somebody else may hold the lock: it goes on as a
+    waiter. A grant read in time is still returned as it is, with no round trip."""
+    late = {"by": 0.0}
+    parked, resume = threading.Event(), threading.Event()
+    real, wait = postgres._ticks, Listener.wait
+
+    def ticks() -> float:
+        if threading.current_thread().name != "late-reader":
+            return real()
+        if late["by"]:
+            resume.wait(10)  # stopped here, just after reading the grant
+        return real() + late["by"]
+
+    def listen(listener: Listener, member: str, timeout: float) -> Optional[str]:
+        if threading.current_thread().name == "late-reader":
+            parked.set()
+        return wait(listener, member, timeout)
+
+    monkeypatch.setattr(postgres, "_ticks", ticks)
+    monkeypatch.setattr(Listener, "wait", listen)
+    # Only a NOTIFY wakes the waiter: no look of its own finds the lock first.
+    monkeypatch.setattr(postgres, "FIRST_LOOK", 60.0)
+    monkeypatch.setattr(postgres, "RECHECK", 60.0)
+    grants: List[Lease] = []
+
+    def granted(request: Request, payload: str) -> Lease:
+        grants.append(PostgresAdapter._granted(request, payload))
+        return grants[-1]
+
+    monkeypatch.setattr(adapter, "_granted", granted)
+    holder = Request.make("job", uuid.uuid4().hex, 30.0)
+    assert adapter.try_acquire(holder) is not None
+    adapter._contended.add("job")  # the waiter queues with its first statement
+    request = Request.make("job", uuid.uuid4().hex, 30.0)
+    got: List[Optional[Lease]] = []
+    thread = threading.Thread(
+        target=lambda: got.append(adapter.acquire(request, 20.0)), name="late-reader", daemon=True
+    )
+    thread.start()
+    assert parked.wait(10) and _queue_length(adapter, "job") == 1
+    late["by"] = 0.0 if case == "intact" else 100.0
+    assert adapter.release("job", holder.token)  # grants the waiter a lease for 30 s
+    handed = adapter.get("job")
+    assert handed is not None and handed.token == request.token
+    assert _queue_length(adapter, "job") == 0, "the grant took the waiter's place"
+    other = Request.make("job", uuid.uuid4().hex, 30.0)
+    if case == "ran-out-and-taken":
+        # While the waiter is stopped, its lease ends (forced here) and another takes it.
+        assert adapter.force_release("job")
+        assert adapter.try_acquire(other) is not None
+    resume.set()
+    if case == "ran-out-and-taken":
+        deadline = time.monotonic() + 10
+        while _queue_length(adapter, "job") < 1:  # the waiter queued again
+            assert time.monotonic() < deadline and not got, got
+            time.sleep(0.01)
+        assert adapter.release("job", other.token)  # hands it to the waiter, in time
+    thread.join(10)
+    assert got and got[0] is not None and got[0].token == request.token
+    lease = got[0]
+    assert grants and grants[0].fence == handed.fence, "the waiter read the grant"
+    if case == "intact":
+        assert lease.fence == handed.fence and len(grants) == 1
+    else:
+        # Not the grant it read late, but a lease taken (or handed over) anew.
+        assert lease.fence > handed.fence and lease.expires_at is not None
+        assert handed.expires_at is not None and lease.expires_at > handed.expires_at
+        assert len(grants) == (2 if case == "ran-out-and-taken" else 1)
+    current = adapter.get("job")
+    assert current is not None and current.fence == lease.fence
+    assert _queue_length(adapter, "job") == 0, "nothing left behind in the queue"
+    assert adapter.release("job", request.token), "the waiter held an intact lease"

@@ -146,14 +146,17 @@ FROM c WHERE %(member)s::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM took)
 ON CONFLICT (token) DO UPDATE SET deadline = excluded.deadline, holder = excluded.holder
 RETURNING q.arrival
 )"""
-# One row either way: (True, fence, acquired, expires, _, _) or (False, _, _, seconds
-# left on the current lease or NULL, whether our own presence session is alive, our
-# arrival in the queue). CASE keeps the look at the current lease off the fast path.
+# One row either way: (True, fence, acquired, expires, _, _, now) or (False, _, _,
+# seconds left on the current lease or NULL, whether our own presence session is alive,
+# our arrival in the queue, now). CASE keeps the look at the current lease off the fast
+# path. ``now``, the server's clock as the statement ends, lets a waiter tell whether a
+# lease handed to it later has run out by the time it reads it, with no round trip.
 _RESULT = f"""SELECT took.fence IS NOT NULL, took.fence, took.acquired,
        CASE WHEN took.fence IS NOT NULL THEN took.expires
             ELSE (SELECT extract(epoch FROM l.expires_at - clock_timestamp())::float8 FROM {{t}} l
                   WHERE l.name = %(name)s AND l.token IS NOT NULL) END,
-       took.fence IS NOT NULL OR {alive('%(holder)s::int8')}, (SELECT arrival FROM enq)
+       took.fence IS NOT NULL OR {alive('%(holder)s::int8')}, (SELECT arrival FROM enq),
+       extract(epoch FROM clock_timestamp())::float8
 FROM (SELECT 1) one LEFT JOIN took ON true"""
 # A newcomer: free, and nobody alive waits (it would be ahead). A waiter (``member``
 # set) that does not get the lock takes its place in the queue in the same statement.

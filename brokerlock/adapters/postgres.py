@@ -24,7 +24,10 @@ and ``NOTIFY`` the head with its lease: the woken waiter returns without another
 trip. A waiter that leaves (timed out) keeps a lock handed to it just before; one that
 is interrupted passes it on. A session that ends notifies nobody, and a waiter handed
 the lock may die before it learns so, so waiters also re-check when the current lease
-expires and at least every second.
+expires and at least every second. A waiter stopped between a NOTIFY and its reading
+past the lease's end goes on waiting instead (someone else may hold the lock by now):
+the server's clock at its latest statement plus the monotonic time since is a lower
+bound of the server's clock, whatever the skew.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ T = TypeVar("T")
 RECHECK = 1.0
 #: A new waiter's first look, if nothing woke it; each later one comes twice as late.
 FIRST_LOOK = 0.02
+#: The local clock that carries the server's, read by a waiter's latest statement, forward.
+_ticks = time.monotonic
 #: Names remembered as contended, at most (past it, the memory starts afresh).
 MAX_CONTENDED = 1024
 #: libpq settings we add unless the DSN sets them: fail fast on a server that does not
@@ -249,7 +254,7 @@ class PostgresAdapter(Adapter):
             raise self._error(f"wait for {name!r}", exc) from None
         member = listener.member(request.token)
         # One statement: take the lock, or take our place in the queue.
-        lease, left, arrival = self._try(request, None, member)
+        lease, left, arrival, offset = self._try(request, None, member)
         if lease is not None:
             self._contended.discard(name)
             return lease
@@ -274,10 +279,16 @@ class PostgresAdapter(Adapter):
                 except self._psycopg.Error as exc:
                     raise self._error(f"wait for {request.name!r}", exc) from None
                 if payload is not None and payload != member:
-                    return self._granted(request, payload)
+                    lease = self._granted(request, payload)
+                    # The server's clock is at least our offset from ours, so a grant
+                    # that ends by then has run out (we were stopped before reading it).
+                    if lease.expires_at is None or lease.expires_at > _ticks() + offset:
+                        return lease
+                    # It took our place in the queue: the statement below takes the lock
+                    # if it is still (or again) ours to take, or a new place.
                 # Woken to take a free lock, or time to look again (a dead holder, an
                 # expired lease, a lost notification): the same statement renews our place.
-                lease, left, arrival = self._try(request, arrival, member)
+                lease, left, arrival, offset = self._try(request, arrival, member)
                 if lease is not None:
                     return lease
         except BrokerLockError:
@@ -326,9 +337,10 @@ class PostgresAdapter(Adapter):
 
     def _try(
         self, request: Request, arrival: Optional[str], member: Optional[str] = None
-    ) -> Tuple[Optional[Lease], Optional[float], Optional[str]]:
-        """The lease, or ``None``, the seconds left on the current lease (if known) and
-        our arrival in the queue (a waiter, ``member`` set, queues or renews its place).
+    ) -> Tuple[Optional[Lease], Optional[float], Optional[str], float]:
+        """The lease, or ``None``, the seconds left on the current lease (if known), our
+        arrival in the queue (a waiter, ``member`` set, queues or renews its place) and,
+        for a waiter, the server's clock minus ``_ticks()`` at least (else 0).
 
         A waiter that takes the lock leaves the queue with it."""
         statement = self._hot["retry" if arrival else "acquire" if member else "take"]
@@ -344,15 +356,18 @@ class PostgresAdapter(Adapter):
                 "patience": QUEUE_PATIENCE,
             }
             row = self._pool.rows(f"acquire {request.name!r}", statement, params)
+            # The server read its clock before its reply left, and we read ours after
+            # the reply came: the difference is a lower bound of the offset.
+            offset = (number(row, 6) or 0.0) - _ticks() if member else 0.0
             if flag(row, 0):
                 lease = Lease(
                     request.name, request.token, int(row.get_value(0, 1) or 0),
                     number(row, 2) or 0.0, number(row, 3),
                     request.host, request.pid, request.thread,
                 )
-                return lease, None, None
+                return lease, None, None, offset
             if flag(row, 4):
-                return None, number(row, 3), text(row, 5)
+                return None, number(row, 3), text(row, 5), offset
             # Our presence session is gone (a server restart, a dropped connection):
             # a row written under its key would be free for anyone, so get a new one;
             # the next attempt moves our place in the queue (if any) under it.
