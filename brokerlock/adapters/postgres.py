@@ -33,16 +33,15 @@ bound of the server's clock, whatever the skew.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import BrokerLockError
 from . import _postgres_sql as statements
 from ._postgres_listen import CHANNEL_PREFIX, Listeners
 from ._postgres_pool import Pool, Prepared, flag, number, text
 from ._postgres_presence import presence_for
+from ._postgres_url import DEFAULT_TABLE, display_url, split_url, table_parts
 from .base import Adapter, Lease, Request
 
 if TYPE_CHECKING:
@@ -77,8 +76,6 @@ QUEUE_PATIENCE = 5.0
 #: The advisory lock that serialises table creation between clients starting at once.
 SCHEMA_LOCK = 0x62726F6B65726C6B  # "brokerlk"
 
-# 57, not 63: the queue table is named after the table plus "_queue".
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,56}\Z")
 
 def _driver() -> Any:
     try:
@@ -88,20 +85,6 @@ def _driver() -> Any:
             "PostgresAdapter needs the psycopg package: pip install brokerlock[postgres]"
         ) from None
     return psycopg
-
-
-def _table_parts(table: object) -> Tuple[str, ...]:
-    if not isinstance(table, str):
-        raise TypeError(f"table must be a str, not {type(table).__name__}: {table!r}")
-    parts = tuple(table.split("."))
-    if len(parts) > 2 or not all(_IDENTIFIER.match(part) for part in parts):
-        raise ValueError(
-            f"table {table!r} is not a plain identifier (letters, digits, _ and $, at most "
-            "57 characters, optionally schema.table)"
-        )
-    return parts
-
-
 
 
 class PostgresAdapter(Adapter):
@@ -114,14 +97,14 @@ class PostgresAdapter(Adapter):
     """
 
     def __init__(
-        self, dsn_or_connection: str | psycopg.Connection[Any], table: str = "brokerlock_locks"
+        self, dsn_or_connection: str | psycopg.Connection[Any], table: str = DEFAULT_TABLE
     ) -> None:
         driver = _driver()
         self._psycopg = driver
         from psycopg import sql
 
         if isinstance(dsn_or_connection, str):
-            dsn, table = self._split_url(dsn_or_connection, table)
+            dsn, table = split_url(dsn_or_connection, table)
             params = driver.conninfo.conninfo_to_dict(dsn)
         elif isinstance(dsn_or_connection, driver.Connection):
             info = dsn_or_connection.info
@@ -134,13 +117,13 @@ class PostgresAdapter(Adapter):
                 f"{type(dsn_or_connection).__name__}: {dsn_or_connection!r}"
             )
         self.table = table
-        parts = _table_parts(table)
+        parts = table_parts(table)
         for key, value in CONNECT_DEFAULTS.items():
             params.setdefault(key, value)
         self._conninfo: str = driver.conninfo.make_conninfo(**params)
         host = str(params.get("host") or params.get("hostaddr") or "local socket")
         self.server = f"{host}:{params.get('port') or 5432}"
-        self.url = self._display_url(params)
+        self.url = display_url(params, table)
 
         self._ident = ident = sql.Identifier(*parts)
         queue = sql.Identifier(*parts[:-1], parts[-1] + "_queue")
@@ -167,29 +150,6 @@ class PostgresAdapter(Adapter):
         self._presence = presence_for(self._conninfo, self._connect)
         self._listeners = Listeners(self._connect)
         self._run("create the lock table", self._setup)
-
-    @staticmethod
-    def _split_url(dsn: str, table: str) -> Tuple[str, str]:
-        parts = urlsplit(dsn)
-        if parts.scheme not in ("postgresql", "postgres"):
-            return dsn, table
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        table = next((value for key, value in query if key == "table"), table)
-        rest = urlencode([(k, v) for k, v in query if k != "table"])
-        return urlunsplit(parts._replace(query=rest)), table
-
-    def _display_url(self, params: Dict[str, Any]) -> str:
-        """A URL that reaches this store again, without the password."""
-        user = f"{params['user']}@" if params.get("user") else ""
-        host = str(params.get("host") or "")
-        query = {"host": host} if host.startswith("/") else {}
-        netloc = "" if host.startswith("/") else host
-        if params.get("port"):
-            netloc += f":{params['port']}"
-        if self.table != "brokerlock_locks":
-            query["table"] = self.table
-        tail = "?" + urlencode(query) if query else ""
-        return f"postgresql://{user}{netloc}/{params.get('dbname') or ''}{tail}"
 
     # -- connections ------------------------------------------------------------
     def _connect(self) -> psycopg.Connection[Any]:
