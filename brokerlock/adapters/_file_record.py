@@ -12,13 +12,18 @@ goes through the json module as before.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..errors import BrokerLockError
 from .base import clock_fence
+
+log = logging.getLogger("brokerlock")
 
 Record = Dict[str, Any]
 
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+_DECODER = json.JSONDecoder()
 _escape = json.encoder.encode_basestring_ascii
 _FINITE_MIN, _FINITE_MAX = -1.7976931348623157e308, 1.7976931348623157e308
 _KEYS = frozenset(
@@ -94,6 +99,23 @@ def encode(record: Record) -> bytes:
         f'"pid":{_value(record["pid"])},"thread":{_value(record["thread"])},'
         f'"witness":{_value(record["witness"])},"queue":[{",".join(map(_entry, queue))}]}}'
     ).encode()
+
+
+def decode(raw: bytes, path: str, name: Optional[str]) -> Optional[Record]:
+    """The record in a lock file's bytes (``None``: no record yet), or a free one marked
+    damaged if they hold none; ``name``, when given, must be the record's."""
+    if not raw.strip():
+        return None
+    try:
+        record, _end = _DECODER.raw_decode(raw.decode("utf-8"))
+        if not isinstance(record, dict) or not isinstance(record.get("fence"), int):
+            raise ValueError("not a lock record")
+    except ValueError:
+        log.warning("lock file %s is damaged; treating its lock as free", path)
+        return {"name": name, "fence": 0, "token": None, "damaged": True}
+    if name is not None and record.get("name") != name:
+        raise BrokerLockError(f"lock file {path} holds the record of another name")
+    return record
 
 
 def leased(

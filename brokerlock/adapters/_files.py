@@ -12,10 +12,20 @@ import os
 import stat
 import sys
 import threading
+import time
 from typing import Callable, Dict, Set
 
 from .._platform import HAVE_FCNTL
 from ..errors import BrokerLockError
+
+#: Times a busy lock held for microseconds (a record's flock, SQLite's write lock) is
+#: tried again at once, after yielding the CPU, before the retries back off with sleeps:
+#: the shortest sleep lasts 50 µs or more (the kernel's timer slack).
+YIELDS = 4
+yield_cpu: Callable[[], None] = getattr(os, "sched_yield", lambda: time.sleep(0))
+#: A record's flock is held for microseconds; a writer stopped inside it (SIGSTOP, a
+#: debugger) must not hang everyone forever, so give up after this and say why.
+MUTEX_PATIENCE = 30.0
 
 #: 0 where the platform has no such flag (Windows): never ``os.O_NOFOLLOW`` directly.
 O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
@@ -76,6 +86,27 @@ else:
 
     def write_at(fd: int, data: bytes, offset: int) -> int:
         return os.pwrite(fd, data, offset)
+
+
+def lock_briefly(fd: int, path: str) -> None:
+    """Take the flock of a file that others hold for microseconds at a time, trying
+    again politely; a holder stopped inside is reported after ``MUTEX_PATIENCE``."""
+    if lock_file(fd, blocking=False):
+        return
+    for _ in range(YIELDS):
+        yield_cpu()
+        if lock_file(fd, blocking=False):
+            return
+    delay = 0.00005
+    give_up = time.monotonic() + MUTEX_PATIENCE
+    while not lock_file(fd, blocking=False):
+        if time.monotonic() > give_up:
+            raise BrokerLockError(
+                f"lock file {path} has been busy for {MUTEX_PATIENCE:.0f}s: "
+                "a process is stopped while updating it"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.005)
 
 
 def ensure_private_dir(path: str, *, create: bool = True) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Callable, NoReturn, Optional
 
 from ..errors import BrokerLockError
 from . import _sqlite_sql as sql
-from ._files import open_private
+from ._files import YIELDS, open_private, yield_cpu
 
 log = logging.getLogger("brokerlock")
 
@@ -34,10 +34,6 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
 #: How long one statement may wait for SQLite's write lock before we report the store
 #: as stuck; contention is microseconds, so this only trips on a wedged writer.
 BUSY_TIMEOUT = 30.0
-#: Times a busy statement is tried again at once, after yielding the CPU, before the
-#: retries back off with sleeps.
-_YIELDS = 4
-_yield: Callable[[], None] = getattr(os, "sched_yield", lambda: time.sleep(0))
 
 
 def _prepare_database_file(path: str) -> None:
@@ -179,10 +175,9 @@ class SQLiteConnections:
                 if now > give_up:
                     self._fail(action, exc)
                 tries += 1
-                if tries <= _YIELDS:
-                    # The writer in our way is most likely done within microseconds;
-                    # the shortest sleep lasts 50 µs or more (the kernel's timer slack).
-                    _yield()
+                if tries <= YIELDS:
+                    # The writer in our way is most likely done within microseconds.
+                    yield_cpu()
                     continue
                 time.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 0.005)

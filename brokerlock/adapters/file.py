@@ -15,7 +15,6 @@ PostgreSQL for locks shared between hosts.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -24,13 +23,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .._platform import HAVE_FCNTL
 from ..errors import BrokerLockError
 from ._embedded import EmbeddedStore
-from ._file_record import Record, encode, grant_text, leased, stamp
+from ._file_record import Record, decode, encode, grant_text, leased, stamp
 from ._files import (
     NO_FLOCK,
     O_CLOEXEC,
     O_NOFOLLOW,
     KeptFiles,
     ensure_private_dir,
+    lock_briefly,
     lock_file,
     open_private,
     read_at,
@@ -45,19 +45,11 @@ _SUFFIX = ".lock"
 #: How long a waiter's place in a queue lasts unless the waiter renews it, which it does
 #: while it waits; bounds the stall a waiter that vanished without a trace can cause.
 QUEUE_ENTRY_LIFE = 6.0
-#: A record's flock is held for microseconds; a writer stopped inside it (SIGSTOP, a
-#: debugger) must not hang everyone forever, so give up after this and say why.
-MUTEX_PATIENCE = 30.0
-#: Times a busy record's flock is tried again at once, after yielding the CPU, before
-#: the retries back off with sleeps.
-_YIELDS = 4
-_yield: Callable[[], None] = getattr(os, "sched_yield", lambda: time.sleep(0))
 
 #: A queue entry: ``[token, witness, until, bell, ttl, host, pid, thread]``, all that
 #: a release needs to grant the lock to the waiter.
 _ENTRY_SIZE = 8
 _READ_SIZE = 65536
-_DECODER = json.JSONDecoder()
 #: Each thread keeps its last few records open (see ``KeptFiles``).
 _RECORDS = KeptFiles(8, lambda path: open_private(path, os.O_RDWR))
 
@@ -101,14 +93,14 @@ class FileAdapter(EmbeddedStore):
         path = self._path(name)
         fd = _RECORDS.get(path)
         try:
-            _flock(fd, path)
+            lock_briefly(fd, path)
             info = os.fstat(fd)
             while not info.st_nlink:
                 # Removed or replaced since this thread opened it: the file now at the
                 # path is the one everybody else locks.
                 _RECORDS.drop(path)
                 fd = _RECORDS.get(path)
-                _flock(fd, path)
+                lock_briefly(fd, path)
                 info = os.fstat(fd)
             record, size = self._read(fd, path, name, info.st_size)
             result, new = change(record)
@@ -139,18 +131,7 @@ class FileAdapter(EmbeddedStore):
                 break
             raw += more
             want = len(raw)
-        if not raw.strip():
-            return None, len(raw)
-        try:
-            record, _end = _DECODER.raw_decode(raw.decode("utf-8"))
-            if not isinstance(record, dict) or not isinstance(record.get("fence"), int):
-                raise ValueError("not a lock record")
-        except ValueError:
-            log.warning("lock file %s is damaged; treating its lock as free", path)
-            return {"name": name, "fence": 0, "token": None, "damaged": True}, len(raw)
-        if name is not None and record.get("name") != name:
-            raise BrokerLockError(f"lock file {path} holds the record of another name")
-        return record, len(raw)
+        return decode(raw, path, name), len(raw)
 
     def _holds(self, record: Optional[Record], now: float) -> bool:
         """Whether ``record`` is a live lease: unexpired, its holder alive."""
@@ -387,30 +368,6 @@ class FileAdapter(EmbeddedStore):
         return bool(
             self._free(name, "break", lambda record: True if self._holds(record, self._clock()) else None)
         )
-
-
-def _flock(fd: int, path: str) -> None:
-    """Take the record's flock, spinning politely; it is held for microseconds."""
-    if lock_file(fd, blocking=False):
-        return
-    delay = 0.00005
-    give_up = time.monotonic() + MUTEX_PATIENCE
-    for _ in range(_YIELDS):
-        # The holder is most likely done within microseconds; the shortest sleep
-        # lasts 50 µs or more (the kernel's timer slack).
-        _yield()
-        if lock_file(fd, blocking=False):
-            return
-    while True:
-        if lock_file(fd, blocking=False):
-            return
-        if time.monotonic() > give_up:
-            raise BrokerLockError(
-                f"lock file {path} has been busy for {MUTEX_PATIENCE:.0f}s: "
-                "a process is stopped while updating it"
-            )
-        time.sleep(delay)
-        delay = min(delay * 2, 0.005)
 
 
 def _expiry(record: Optional[Record]) -> Optional[float]:
