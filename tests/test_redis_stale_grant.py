@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, Tuple
 
 import pytest
 
 from brokerlock import RedisAdapter
-from brokerlock.adapters.base import Request
+from brokerlock.adapters.base import Lease, Request
 
 #: Gives up waiting for a short lease to expire on the server after this many seconds.
 EXPIRY_WITHIN = 5.0
@@ -40,23 +40,31 @@ def _wait_until_free(adapter: RedisAdapter, name: str) -> None:
         time.sleep(0.005)
 
 
+def _granted_then_taken(
+    holder: RedisAdapter, waiter: RedisAdapter, other: RedisAdapter
+) -> Tuple[Request, Lease, float]:
+    """The waiter's loop, step one: it queues behind the holder; before its BLPOP the
+    release hands it the lock, onto its wake-up list; the waiter is stopped past its
+    lease and someone else takes the free lock. The waiter's request, the live lease
+    and the server clock offset that its step returned."""
+    first = holder.try_acquire(Request.make("job", "a" * 32, 10.0))
+    assert first is not None
+    request = Request.make("job", "b" * 32, 0.05)
+    lease, code, _look_by, position, _member, server = waiter._try(request, True)
+    assert (lease, code, position) == (None, 0, 1)
+    assert holder.release("job", first.token)
+    granted = holder.get("job")
+    assert granted is not None and granted.token == request.token
+    _wait_until_free(holder, "job")
+    taken = other.try_acquire(Request.make("job", "c" * 32, 10.0))
+    assert taken is not None and taken.fence > granted.fence
+    return request, taken, server
+
+
 def test_a_grant_that_expired_on_the_wake_up_list_is_not_taken_later(url: str) -> None:
     holder, waiter, other = RedisAdapter(url), RedisAdapter(url), RedisAdapter(url)
     try:
-        first = holder.try_acquire(Request.make("job", "a" * 32, 10.0))
-        assert first is not None
-        request = Request.make("job", "b" * 32, 0.05)
-        # The waiter's loop, step one: it queues behind the holder...
-        lease, code, _look_by, position, _member, _server = waiter._try(request, True)
-        assert (lease, code, position) == (None, 0, 1)
-        # ...and before its BLPOP the release hands it the lock, onto its wake-up list.
-        assert holder.release("job", first.token)
-        granted = holder.get("job")
-        assert granted is not None and granted.token == request.token
-        # The waiter is stopped past its lease; someone else takes the free lock.
-        _wait_until_free(holder, "job")
-        taken = other.try_acquire(Request.make("job", "c" * 32, 10.0))
-        assert taken is not None and taken.fence > granted.fence
+        request, taken, _server = _granted_then_taken(holder, waiter, other)
         # The waiter runs again: queue, block. It must wait for the live holder.
         stale = waiter.acquire(request, 0.3)
         assert stale is None, f"took fence {stale.fence} while fence {taken.fence} is held"
@@ -97,22 +105,14 @@ def test_a_grant_read_after_its_lease_ran_out_is_not_taken(url: str) -> None:
     the waiter's last script plus the time that passed since, not by the local clock."""
     holder, waiter, other = RedisAdapter(url), RedisAdapter(url), RedisAdapter(url)
     try:
-        first = holder.try_acquire(Request.make("job", "a" * 32, 10.0))
-        assert first is not None
-        request = Request.make("job", "b" * 32, 0.05)
-        lease, code, _look_by, _position, _member, server = waiter._try(request, True)
-        assert lease is None and code == 0
-        assert holder.release("job", first.token)  # pushed onto the waiter's list
-        _wait_until_free(holder, "job")  # the waiter is stopped past its lease
-        taken = other.try_acquire(Request.make("job", "c" * 32, 10.0))
-        assert taken is not None
+        request, _taken, server = _granted_then_taken(holder, waiter, other)
         pushed = waiter._block("job", waiter._signal("job", request.token), 1.0)
         assert pushed is not None, "the release's grant was not on the list"
         assert waiter._granted(request, pushed, server) is None
         # A grant read in time is taken as it is.
         live = Request.make("job", "d" * 32, 10.0)
-        assert waiter._granted(live, pushed.rsplit(" ", 1)[0] + " " + str(int((time.time() + 60) * 1e6)),
-                               server) is not None
+        in_time = pushed.rsplit(" ", 1)[0] + " " + str(int((time.time() + 60) * 1e6))
+        assert waiter._granted(live, in_time, server) is not None
     finally:
         for adapter in (holder, waiter, other):
             adapter.close()
