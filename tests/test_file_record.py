@@ -23,6 +23,7 @@ from stores import needs_flock
 from brokerlock import BrokerLock, FileAdapter, LockLost
 from brokerlock.adapters._file_record import encode, grant_text, leased, stamp
 from brokerlock.adapters._files import KeptFiles
+from brokerlock.adapters.base import Request
 from brokerlock.adapters.file import _RECORDS
 
 texts = st.text(max_size=20)
@@ -181,3 +182,41 @@ def test_entries_equal_in_python_but_not_in_json_are_written_apart() -> None:
         record = {**base, "queue": [["w", None, 1795815826.5, "b", ttl, "h", 2, "t"]]}
         back = json.loads(encode(record))["queue"][0][4]
         assert back == ttl and type(back) is type(ttl)
+
+
+@needs_flock
+def test_a_failed_update_leaves_no_flock_to_a_child_forked_meanwhile(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A child forked while a thread updates a record inherits its descriptor, flock
+    included. Closing ours is not enough to free the record then: an update that fails
+    must unlock it, or the record stays locked until that child exits."""
+    import signal
+
+    from brokerlock.adapters import file as file_module
+
+    adapter = FileAdapter(tmp_path)
+    children: List[int] = []
+
+    def fork_then_fail(record: Any) -> bytes:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child only keeps its inherited copies
+            signal.pause()
+            os._exit(0)
+        children.append(pid)
+        raise RuntimeError("the update fails")
+
+    monkeypatch.setattr(file_module, "encode", fork_then_fail)
+    try:
+        with pytest.raises(RuntimeError):
+            adapter.try_acquire(Request.make("job", "t" * 32, 60.0))
+        assert children
+        fd = os.open(adapter._path("job"), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if still held
+        finally:
+            os.close(fd)
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)

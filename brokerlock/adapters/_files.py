@@ -178,10 +178,11 @@ class _Kept:
         self.fd, self.generation, self.tally = fd, _generation, tally
         tally.add(id(self))  # (set.add and discard are atomic: no lock in __del__)
 
-    def __del__(self) -> None:
+    def __del__(self, _close: Callable[[int], None] = os.close) -> None:
+        # (os.close bound early: at interpreter exit the module may be gone already.)
         self.tally.discard(id(self))
         try:
-            os.close(self.fd)
+            _close(self.fd)
         except OSError:
             pass
 

@@ -112,10 +112,10 @@ class FileAdapter(EmbeddedStore):
             unlock_file(fd)
             return result
         except OSError as exc:
-            _RECORDS.drop(path)  # also drops the flock
+            _forget(fd, path)
             raise BrokerLockError(f"{self.url}: could not {action} {name!r}: {exc}") from None
         except BaseException:
-            _RECORDS.drop(path)
+            _forget(fd, path)
             raise
 
     def _read(
@@ -368,6 +368,16 @@ class FileAdapter(EmbeddedStore):
         return bool(
             self._free(name, "break", lambda record: True if self._holds(record, self._clock()) else None)
         )
+
+
+def _forget(fd: int, path: str) -> None:
+    """Unlock and close a record after a failure. Unlocked first: a copy of the
+    descriptor that a child forked meanwhile inherited would keep the flock alive."""
+    try:
+        unlock_file(fd)
+    except (OSError, BrokerLockError):
+        pass
+    _RECORDS.drop(path)
 
 
 def _expiry(record: Optional[Record]) -> Optional[float]:
