@@ -65,6 +65,24 @@ def test_four_processes_increment_exactly(url: str, tmp_path: Path) -> None:
 
 
 @needs_witness
+def test_no_wake_up_is_lost_while_processes_take_turns(url: str) -> None:
+    """Six processes take the lock in turn as fast as they can: every acquisition is a
+    hand-over, woken by the release that makes the waiter the head of the queue. With
+    the safety net off, a single lost wake-up leaves its waiter asleep until its 20 s
+    timeout, and its process fails."""
+    procs = [
+        subprocess.Popen([sys.executable, WORKER, "churn", url, "turns", "300"]) for _ in range(6)
+    ]
+    try:
+        for proc in procs:
+            assert proc.wait(timeout=120) == 0, "a waiter slept through its turn"
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def test_killed_holder_frees_lock_at_once(
     url: str, holder: subprocess.Popen[bytes], tmp_path: Path
 ) -> None:

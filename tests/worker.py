@@ -25,6 +25,19 @@ def increment(url: str, name: str, count: str, counter: str) -> None:
                 f.write(str(value + 1))
 
 
+def churn(url: str, name: str, count: str) -> None:
+    """Take and release the lock ``count`` times, nothing held in between, with the
+    waiters' safety net out of the way: a wake-up that a release loses then leaves its
+    waiter asleep until its timeout (LockTimeout, exit 1) instead of for a second."""
+    from brokerlock import _bells
+
+    _bells.SAFETY_NET = 600.0
+    item = BrokerLock.from_url(url).item(name, ttl="60s", timeout="20s")
+    for _ in range(int(count)):
+        item.acquire()
+        item.release()
+
+
 def hold(url: str, name: str, ttl: str, ready: str) -> None:
     """Take the lock, say so by creating ``ready``, then wait to be killed."""
     item = BrokerLock.from_url(url).item(name, ttl=ttl, timeout="10s")
@@ -36,6 +49,6 @@ def hold(url: str, name: str, ttl: str, ready: str) -> None:
 
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    {"increment": increment, "hold": hold}[mode](*args)
+    {"increment": increment, "hold": hold, "churn": churn}[mode](*args)
     sys.stdout.flush()
     os._exit(0)
