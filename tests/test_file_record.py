@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from stores import needs_flock
 
 from brokerlock import BrokerLock, FileAdapter, LockLost
-from brokerlock.adapters._file_record import encode, grant_text, leased, stamp
+from brokerlock.adapters._embedded import grant_news
+from brokerlock.adapters._file_record import encode, leased, stamp, stamp_text
 from brokerlock.adapters._files import KeptFiles
 from brokerlock.adapters.base import Request
 from brokerlock.adapters.file import _RECORDS
@@ -65,7 +66,7 @@ def test_an_unusual_record_is_written_by_the_json_module(record: Any) -> None:
 
 def test_a_grant_carries_the_stamps_of_the_record_exactly() -> None:
     new = leased(None, "x", 1795815820.4796512, "tok", None, 60.0, "h", 1, "t", [])
-    text = grant_text("tok", new["fence"], new["acquired_at"], new["expires_at"]).decode()
+    text = grant_news("tok", new["fence"], new["acquired_at"], new["expires_at"], stamp_text).decode()
     _token, _fence, acquired, expires = text[1:-1].split(",")
     assert float(acquired) == new["acquired_at"] == json.loads(encode(new))["acquired_at"]
     assert float(expires) == new["expires_at"] == json.loads(encode(new))["expires_at"]

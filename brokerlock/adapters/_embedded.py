@@ -56,11 +56,17 @@ class EmbeddedStore(Adapter):
         return self._bells_made
 
 
-def grant_news(token: str, fence: int, acquired_at: float, expires_at: Optional[float]) -> bytes:
-    """What a release rings into the bell of the waiter it granted the lock to.
+def grant_news(
+    token: str, fence: int, acquired_at: float, expires_at: Optional[float],
+    number: Callable[[float], str] = repr,
+) -> bytes:
+    """What a release rings into the bell of the waiter it granted the lock to; its
+    time stamps printed by ``number``, which must give them back exactly (the lock
+    file's stamps have a cheaper way than ``repr``).
 
     The store is the truth and the news only spares the waiter a look at it: a waiter
     that cannot read its news (a plain ring overwrote it, a token of another wait)
     finds the grant in the store instead.
     """
-    return f"G{token},{fence},{acquired_at!r},{expires_at!r};".encode("ascii", "replace")
+    expires = "None" if expires_at is None else number(expires_at)
+    return f"G{token},{fence},{number(acquired_at)},{expires};".encode("ascii", "replace")

@@ -136,8 +136,3 @@ def leased(
         "queue": queue,
     }
 
-
-def grant_text(token: str, fence: int, acquired_at: float, expires_at: Optional[float]) -> bytes:
-    """``grant_news`` (see ``_embedded``) for a record's stamps, printed the cheap way."""
-    expires = "None" if expires_at is None else stamp_text(expires_at)
-    return f"G{token},{fence},{stamp_text(acquired_at)},{expires};".encode("ascii", "replace")

@@ -22,8 +22,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._platform import HAVE_FCNTL
 from ..errors import BrokerLockError
-from ._embedded import EmbeddedStore
-from ._file_record import Record, decode, encode, grant_text, leased, stamp
+from ._embedded import EmbeddedStore, grant_news
+from ._file_record import Record, decode, encode, leased, stamp, stamp_text
 from ._files import (
     NO_FLOCK,
     O_CLOEXEC,
@@ -190,7 +190,8 @@ class FileAdapter(EmbeddedStore):
             return {**record, "token": None, "witness": None}, None
         token, witness, _until, bell, ttl, host, pid, thread = queue[0]
         new = leased(record, record["name"], now, token, witness, ttl, host, pid, thread, queue[1:])
-        return new, (bell, grant_text(token, new["fence"], new["acquired_at"], new["expires_at"]))
+        news = grant_news(token, new["fence"], new["acquired_at"], new["expires_at"], stamp_text)
+        return new, (bell, news)
 
     # -- the contract -----------------------------------------------------------
     def try_acquire(self, request: Request) -> Optional[Lease]:
