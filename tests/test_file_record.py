@@ -221,3 +221,33 @@ def test_a_failed_update_leaves_no_flock_to_a_child_forked_meanwhile(
         for pid in children:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+@needs_flock
+def test_a_record_that_cannot_be_reopened_never_unlocks_the_closed_number(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The lock directory is removed under a holder: its kept record has no name left,
+    is closed, and opening it anew fails. The closed descriptor's number may already be
+    another thread's record, locked: the failure must not unlock it."""
+    import shutil
+
+    from brokerlock import BrokerLockError
+    from brokerlock.adapters import file as file_module
+
+    adapter = FileAdapter(tmp_path / "locks")
+    item = BrokerLock(adapter).item("job", ttl="60s")
+    item.acquire()
+    kept = _RECORDS.get(adapter._path("job"))
+    unlocked: List[int] = []
+    real_unlock = file_module.unlock_file
+
+    def unlock(fd: int) -> None:
+        unlocked.append(fd)
+        real_unlock(fd)
+
+    monkeypatch.setattr(file_module, "unlock_file", unlock)
+    shutil.rmtree(tmp_path / "locks")
+    with pytest.raises(BrokerLockError):
+        item.release()
+    assert kept not in unlocked

@@ -93,15 +93,16 @@ class FileAdapter(EmbeddedStore):
         path = self._path(name)
         fd = _RECORDS.get(path)
         try:
-            lock_briefly(fd, path)
-            info = os.fstat(fd)
-            while not info.st_nlink:
+            while True:
+                lock_briefly(fd, path)
+                info = os.fstat(fd)
+                if info.st_nlink:
+                    break
                 # Removed or replaced since this thread opened it: the file now at the
                 # path is the one everybody else locks.
                 _RECORDS.drop(path)
+                fd = -1  # closed: its number may be another thread's before ours is back
                 fd = _RECORDS.get(path)
-                lock_briefly(fd, path)
-                info = os.fstat(fd)
             record, size = self._read(fd, path, name, info.st_size)
             result, new = change(record)
             if new is not None:
@@ -372,12 +373,14 @@ class FileAdapter(EmbeddedStore):
 
 
 def _forget(fd: int, path: str) -> None:
-    """Unlock and close a record after a failure. Unlocked first: a copy of the
-    descriptor that a child forked meanwhile inherited would keep the flock alive."""
-    try:
-        unlock_file(fd)
-    except (OSError, BrokerLockError):
-        pass
+    """Unlock and close a record after a failure (``fd`` -1: already closed). Unlocked
+    first: a copy of the descriptor that a child forked meanwhile inherited would keep
+    the flock alive."""
+    if fd >= 0:
+        try:
+            unlock_file(fd)
+        except (OSError, BrokerLockError):
+            pass
     _RECORDS.drop(path)
 
 
