@@ -204,16 +204,25 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
             "host": request.host, "pid": request.pid, "thread": request.thread,
         }
 
+        def join(conn: sqlite3.Connection, now: float) -> None:
+            """Take a place at the end of the queue (again)."""
+            nonlocal ticket, refresh_at
+            until = now + QUEUE_ENTRY_LIFE
+            ticket = conn.execute(sql.JOIN_QUEUE, {**entry, "until": until}).fetchone()[0]
+            refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
+
         def step(conn: sqlite3.Connection) -> Tuple[Optional[Lease], Optional[float], Optional[str]]:
             nonlocal ticket, refresh_at
             now = self._clock()
-            if ticket is None or time.monotonic() >= refresh_at:
-                until = now + QUEUE_ENTRY_LIFE
-                if ticket is None:
-                    ticket = conn.execute(sql.JOIN_QUEUE, {**entry, "until": until}).fetchone()[0]
-                elif not conn.execute(
-                    "UPDATE brokerlock_waiters SET until = ? WHERE ticket = ?", (until, ticket)
+            if ticket is None:
+                join(conn, now)
+            elif time.monotonic() >= refresh_at:
+                if conn.execute(
+                    "UPDATE brokerlock_waiters SET until = ? WHERE ticket = ?",
+                    (now + QUEUE_ENTRY_LIFE, ticket),
                 ).rowcount:
+                    refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
+                else:
                     # Granted the lock (see below), or our place ran out while we could not
                     # renew it (a pause, a clock step) and someone pruned it: then queue
                     # again rather than wait for nothing.
@@ -221,8 +230,7 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
                     if holder is not None and holder[1] == token and _live(holder, now):
                         ticket = None
                         return self._lease(holder), None, None
-                    ticket = conn.execute(sql.JOIN_QUEUE, {**entry, "until": until}).fetchone()[0]
-                refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
+                    join(conn, now)
             # A read first, which never waits for SQLite's write lock: granted (its news
             # lost), or held by a live holder (then sleep until the bell or its expiry).
             # It must come after the join: a release from then on finds us and rings.
@@ -235,9 +243,7 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
                 # stopped): not ours to walk in with. Our place went with the grant:
                 # queue again and take the lock below like any head of the queue (what
                 # follows never sleeps on this read: its lease is not live).
-                until = now + QUEUE_ENTRY_LIFE
-                ticket = conn.execute(sql.JOIN_QUEUE, {**entry, "until": until}).fetchone()[0]
-                refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
+                join(conn, now)
             if (
                 holder is not None
                 and holder[1] is not None
