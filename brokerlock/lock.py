@@ -51,6 +51,10 @@ class Hold:
     def finished(self) -> bool:
         return self.ended or self.lost
 
+    @property
+    def name(self) -> str:
+        return self.item.name
+
     def remaining(self) -> Optional[float]:
         if self.lost:
             return 0.0

@@ -16,10 +16,7 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, List, Optional, Tuple
-
-if TYPE_CHECKING:
-    from .lock import Hold
+from typing import List, Optional, Protocol, Tuple
 
 log = logging.getLogger("brokerlock")
 
@@ -27,6 +24,23 @@ log = logging.getLogger("brokerlock")
 RENEW_AT = 1 / 3
 #: The longest pause between two retries of a failed renewal.
 MAX_RETRY_DELAY = 1.0
+
+
+class Hold(Protocol):
+    """What the renewer needs of a hold (``lock.Hold`` is the one there is). A protocol
+    rather than an import keeps the arrow one way: ``lock`` uses the renewer, the
+    renewer knows nothing of ``lock``."""
+
+    @property
+    def ttl(self) -> Optional[float]: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+    @property
+    def name(self) -> str: ...
+
+    def renew(self) -> Optional[float]: ...
 
 
 class Renewer:
@@ -73,7 +87,7 @@ class Renewer:
             try:
                 due = hold.renew()
             except BaseException:
-                log.exception("renewing lock %r failed unexpectedly", hold.item.name)
+                log.exception("renewing lock %r failed unexpectedly", hold.name)
                 due = time.monotonic() + MAX_RETRY_DELAY
             if due is not None:
                 self._schedule(hold, due)

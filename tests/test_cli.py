@@ -240,7 +240,7 @@ def test_ctrl_c_on_a_terminal_stops_the_command_and_is_not_sent_twice(env: Env) 
     # The terminal signals its whole foreground process group, the command included: a
     # forwarded copy would be a second Ctrl-C, which many programs take as "skip clean-up".
     # Whether the child would see two is a race, so ask brokerlock what it decides.
-    decide = "from brokerlock._cli_run import _terminal_sent_it as t; print('from terminal:', t())"
+    decide = "from brokerlock.cli.run import _terminal_sent_it as t; print('from terminal:', t())"
     assert "from terminal: True" in on_a_terminal(env, [sys.executable, "-c", decide])[1]
     assert cli(env, "run", "job", "--", sys.executable, "-c", decide).stdout == "from terminal: False\n"
 

@@ -21,8 +21,8 @@ import pytest
 from stores import needs_flock, needs_witness
 
 from brokerlock import Adapter, BrokerLock, FileAdapter, SQLiteAdapter
-from brokerlock._wakeup import libc
 from brokerlock.adapters.base import Lease, Request
+from brokerlock.adapters.embedded.wakeup import libc
 
 pytestmark = pytest.mark.skipif(libc() is None, reason="no inotify bells here: waiters poll")
 
@@ -277,8 +277,8 @@ def test_a_release_just_after_a_waiters_look_still_wakes_it(tmp_path: Path, monk
     """The SQLite waiter's step reads the holder to decide whether to sleep. A release
     landing right after that read must find the waiter already queued, and ring it:
     with the safety net out of the way, a lost wake-up here shows as a timeout."""
-    from brokerlock import _bells
-    from brokerlock.adapters import _sqlite_sql as sql
+    from brokerlock.adapters.embedded import bells as _bells
+    from brokerlock.adapters.sqlite import sql
 
     monkeypatch.setattr(_bells, "SAFETY_NET", 60.0)
     path = tmp_path / "locks.sqlite3"

@@ -25,7 +25,7 @@ from actor import Actor
 from stores import needs_witness
 
 from brokerlock import BrokerLock, BrokerLockError, LockLost, LockTimeout, SQLiteAdapter
-from brokerlock.adapters.file import file_name
+from brokerlock.adapters.file.adapter import file_name
 
 pytestmark = pytest.mark.skipif(
     sys.platform == "win32", reason="POSIX file modes, signals, mounts and fcntl stores"
@@ -534,7 +534,7 @@ def test_waiter_paused_past_its_queue_entry_still_gets_the_lock(store: str, tmp_
     life = 1.0
     code = f"""
 import sys, time
-import brokerlock.adapters.{store} as adapter
+import brokerlock.adapters.{store}.adapter as adapter
 from brokerlock import BrokerLock
 # A short queue-entry life, so the test pauses for 2 s rather than QUEUE_ENTRY_LIFE.
 adapter.QUEUE_ENTRY_LIFE = min(getattr(adapter, "QUEUE_ENTRY_LIFE", {life}), {life})

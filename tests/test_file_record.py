@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 from stores import needs_flock
 
 from brokerlock import BrokerLock, FileAdapter, LockLost
-from brokerlock.adapters._embedded import grant_news
-from brokerlock.adapters._file_record import encode, leased, stamp, stamp_text
-from brokerlock.adapters._files import KeptFiles
 from brokerlock.adapters.base import Request
-from brokerlock.adapters.file import _RECORDS
+from brokerlock.adapters.embedded.files import KeptFiles
+from brokerlock.adapters.embedded.store import grant_news
+from brokerlock.adapters.file.adapter import _RECORDS
+from brokerlock.adapters.file.record import encode, leased, stamp, stamp_text
 
 texts = st.text(max_size=20)
 stamps = st.floats(min_value=0, max_value=4e9, allow_nan=False).map(stamp)
@@ -194,7 +194,7 @@ def test_a_failed_update_leaves_no_flock_to_a_child_forked_meanwhile(
     must unlock it, or the record stays locked until that child exits."""
     import signal
 
-    from brokerlock.adapters import file as file_module
+    from brokerlock.adapters.file import adapter as file_module
 
     adapter = FileAdapter(tmp_path)
     children: List[int] = []
@@ -233,7 +233,7 @@ def test_a_record_that_cannot_be_reopened_never_unlocks_the_closed_number(
     import shutil
 
     from brokerlock import BrokerLockError
-    from brokerlock.adapters import file as file_module
+    from brokerlock.adapters.file import adapter as file_module
 
     adapter = FileAdapter(tmp_path / "locks")
     item = BrokerLock(adapter).item("job", ttl="60s")

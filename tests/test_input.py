@@ -21,7 +21,7 @@ from brokerlock import (
     default_url,
 )
 from brokerlock._platform import HAVE_WITNESS
-from brokerlock.adapters.file import file_name
+from brokerlock.adapters.file.adapter import file_name
 from brokerlock.durations import parse_duration
 
 #: File modes, symlinks and directory ownership as tested here are POSIX notions.

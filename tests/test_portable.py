@@ -92,8 +92,8 @@ _PREPARE = """
 
 _CHECK = """
     from brokerlock import BrokerLock, BrokerLockError, FileAdapter, SQLiteAdapter
-    from brokerlock import _platform, _wakeup, _witness, urls
-    from brokerlock.adapters import _files
+    from brokerlock import _platform, urls
+    from brokerlock.adapters.embedded import files as _files, wakeup as _wakeup, witness as _witness
 
     directory = sys.argv[2]
     out = {"flags": [_platform.HAVE_FCNTL, _platform.HAVE_INOTIFY, _platform.HAVE_WITNESS]}
@@ -174,8 +174,7 @@ def test_windows_branches_of_the_helpers(tmp_path: Path) -> None:
     positioned I/O works without pread/pwrite, and select() stands in for poll()."""
     code = _PREPARE + """
     from brokerlock import BrokerLockError, urls
-    from brokerlock.adapters import _files
-    from brokerlock import _wakeup
+    from brokerlock.adapters.embedded import files as _files, wakeup as _wakeup
     out = {}
     os.environ["LOCALAPPDATA"] = sys.argv[2]
     out["state"] = urls.state_dir()
@@ -207,7 +206,8 @@ def test_windows_branches_of_the_helpers(tmp_path: Path) -> None:
 # -- (3) PORTABLE really switches the fast paths off ------------------------------------
 _PROBE = """
     import json, os, sys
-    from brokerlock import FileAdapter, SQLiteAdapter, _platform, _witness
+    from brokerlock import FileAdapter, SQLiteAdapter, _platform
+    from brokerlock.adapters.embedded import witness as _witness
     directory = sys.argv[1]
     adapters = [SQLiteAdapter(os.path.join(directory, "locks.sqlite3"))]
     if _platform.HAVE_FCNTL:

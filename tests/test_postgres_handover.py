@@ -21,9 +21,9 @@ from typing import Any, Iterator, List, Optional, Tuple
 import pytest
 
 from brokerlock import BrokerLock, PostgresAdapter
-from brokerlock.adapters import postgres
-from brokerlock.adapters._postgres_listen import Listener
 from brokerlock.adapters.base import Lease, Request
+from brokerlock.adapters.postgres import adapter as postgres
+from brokerlock.adapters.postgres.listen import Listener
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 

@@ -14,8 +14,8 @@ from typing import Any, Iterator
 import pytest
 
 from brokerlock import BrokerLock, BrokerLockError, RedisAdapter
-from brokerlock.adapters._redis_call import pack
 from brokerlock.adapters.base import Request
+from brokerlock.adapters.redis.call import pack
 
 #: The adapter's socket timeout in these tests, and how long the server is paused:
 #: long enough past it that the client gives up while the command still waits.

@@ -29,7 +29,7 @@ def churn(url: str, name: str, count: str) -> None:
     """Take and release the lock ``count`` times, nothing held in between, with the
     waiters' safety net out of the way: a wake-up that a release loses then leaves its
     waiter asleep until its timeout (LockTimeout, exit 1) instead of for a second."""
-    from brokerlock import _bells
+    from brokerlock.adapters.embedded import bells as _bells
 
     _bells.SAFETY_NET = 600.0
     item = BrokerLock.from_url(url).item(name, ttl="60s", timeout="20s")

@@ -34,7 +34,7 @@ def _break_on_purpose(mutant: str) -> None:
     """Deliberately broken stores, to prove the checker catches what it claims to."""
     if mutant == "blind-witness":
         # Every holder looks dead: live leases get taken over before they expire.
-        from brokerlock._witness import Witness
+        from brokerlock.adapters.embedded.witness import Witness
 
         Witness.is_alive = lambda self, mark: False  # type: ignore[method-assign]
     elif mutant:

@@ -1,4 +1,4 @@
-"""The inotify primitives under the bells (see ``_bells``), Linux only.
+"""The inotify primitives under the bells (see ``embedded.bells``), Linux only.
 
 Waiting by sleeping makes every hand-over slow (filelock polls every 50 ms); inotify
 lets the kernel wake a waiter within microseconds of a write to the file it watches,
@@ -14,8 +14,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
 
-from ._platform import HAVE_INOTIFY
-from .adapters.base import Waiter
+from ..._platform import HAVE_INOTIFY
+from ..base import Waiter
 
 IN_MODIFY = 0x2
 IN_CLOSE_WRITE = 0x8

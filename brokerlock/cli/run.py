@@ -19,8 +19,8 @@ import threading
 import time
 from typing import Any, Callable, List, Optional
 
-from .errors import BrokerLockError, LockLost, LockTimeout
-from .lock import BrokerLock, BrokerLockItem
+from ..errors import BrokerLockError, LockLost, LockTimeout
+from ..lock import BrokerLock, BrokerLockItem
 
 EX_TEMPFAIL = 75
 EX_NOEXEC = 126  # found but cannot be executed, as a POSIX shell reports it

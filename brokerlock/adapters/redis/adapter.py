@@ -26,7 +26,7 @@ Keys, all under the prefix (``brokerlock:`` by default):
     list emptied by the same script, so it never takes a grant that already ended.
 
 Each process keeps one presence connection subscribed to a random channel (see
-``_redis_presence``) whose name it writes into its leases and queue places: a lease
+``redis.presence``) whose name it writes into its leases and queue places: a lease
 whose channel has no subscriber belongs to a dead process and is free at once, and
 a dead waiter is skipped at once. Nothing pushes when a holder dies or a lease
 expires, so the first two waiters in line look again with a backoff (from 2 ms to half
@@ -42,12 +42,12 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, TypeVar
 
-from ..errors import BrokerLockError
-from ._redis_call import Caller
-from ._redis_lua import ACQUIRE, EXTEND, FORCE_RELEASE, LEAVE, READ, RELEASE
-from ._redis_presence import presence_for
-from ._redis_url import display_url, split_url
-from .base import Adapter, Lease, Request
+from ...errors import BrokerLockError
+from ..base import Adapter, Lease, Request
+from .call import Caller
+from .lua import ACQUIRE, EXTEND, FORCE_RELEASE, LEAVE, READ, RELEASE
+from .presence import presence_for
+from .url import display_url, split_url
 
 if TYPE_CHECKING:
     import redis

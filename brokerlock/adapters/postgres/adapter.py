@@ -12,13 +12,13 @@ process keeps one *presence* session holding a session-level advisory lock on a 
 63-bit key for its whole life, and writes that key into every row it holds. A row whose
 key is no longer granted in ``pg_locks`` belongs to a dead process (or one that lost its
 session) and is free at once; takeover is the same compare-and-set as for an expired
-lease (see ``_postgres_presence``).
+lease (see ``postgres.presence``).
 
 Waiters queue in ``<table>_queue``, first come first served (arrival by the server's
 clock; a dead process's waiters are skipped at once, a stalled one after
 ``QUEUE_PATIENCE``), and a newcomer never overtakes them. One statement takes the lock
 or takes (renews) the waiter's place in the queue. Each waiting thread ``LISTEN``s on a
-channel of its own, once, in a session it keeps (see ``_postgres_listen``). Release and
+channel of its own, once, in a session it keeps (see ``postgres.listen``). Release and
 force-release hand the lock straight to the head of the queue, in their own statement,
 and ``NOTIFY`` the head with its lease: the woken waiter returns without another round
 trip. A waiter that leaves (timed out) keeps a lock handed to it just before; one that
@@ -36,13 +36,13 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar
 
-from ..errors import BrokerLockError
-from . import _postgres_sql as statements
-from ._postgres_listen import CHANNEL_PREFIX, Listeners
-from ._postgres_pool import Pool, Prepared, flag, number, text
-from ._postgres_presence import presence_for
-from ._postgres_url import DEFAULT_TABLE, display_url, split_url, table_parts
-from .base import Adapter, Lease, Request
+from ...errors import BrokerLockError
+from ..base import Adapter, Lease, Request
+from . import sql as statements
+from .listen import CHANNEL_PREFIX, Listeners
+from .pool import Pool, Prepared, flag, number, text
+from .presence import presence_for
+from .url import DEFAULT_TABLE, display_url, split_url, table_parts
 
 if TYPE_CHECKING:
     import psycopg

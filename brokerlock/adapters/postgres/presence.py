@@ -4,7 +4,7 @@ The session holds a session-level advisory lock on a random 63-bit key for the l
 the process, and the process writes that key into every row it holds or waits in. The
 server releases the advisory lock the moment the session ends (the process died, its
 host vanished, the server restarted), so anyone can tell a dead holder from a live one
-in ``pg_locks``, without trusting PIDs or clocks. It is ``_witness`` for a server.
+in ``pg_locks``, without trusting PIDs or clocks. It is ``embedded.witness`` for a server.
 """
 
 from __future__ import annotations

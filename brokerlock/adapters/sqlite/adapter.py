@@ -3,9 +3,9 @@
 Acquire is one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <free> RETURNING fence``.
 Rows are never deleted (release only clears the token), so the fence of a name keeps
 growing across releases, processes and restarts. A holder's process is proved alive by
-its witness byte (see ``_witness``), so a killed holder's lock is free at once. Waiters
+its witness byte (see ``embedded.witness``), so a killed holder's lock is free at once. Waiters
 queue in a table; a release grants the lock to the first live one in the same statement
-and rings its bell (see ``_bells``). Connections and retries: ``_sqlite_conn``.
+and rings its bell (see ``embedded.bells``). Connections and retries: ``sqlite.conn``.
 
 Good for one host. SQLite's locking is unreliable on NFS and other network file
 systems: use Redis or PostgreSQL for locks shared between hosts.
@@ -19,12 +19,12 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..errors import BrokerLockError
-from . import _sqlite_sql as sql
-from ._embedded import EmbeddedStore, grant_news
-from ._files import ensure_private_dir
-from ._sqlite_conn import SQLiteConnections, _OutOfTime, _prepare_database_file
-from .base import Lease, Request, clock_fence
+from ...errors import BrokerLockError
+from ..base import Lease, Request, clock_fence
+from ..embedded.files import ensure_private_dir
+from ..embedded.store import EmbeddedStore, grant_news
+from . import sql
+from .conn import SQLiteConnections, _OutOfTime, _prepare_database_file
 
 #: How long a waiter's place in the queue lasts unless renewed, which the waiter does
 #: while it waits; bounds the stall a waiter that vanished without a trace can cause.
@@ -176,7 +176,7 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
 
     def acquire(self, request: Request, timeout: Optional[float]) -> Optional[Lease]:
         """FIFO: a waiter queues in ``brokerlock_waiters`` and takes the lock only at the
-        queue's head, woken by its bell (see ``_bells``). Waiters look with reads, which
+        queue's head, woken by its bell (see ``embedded.bells``). Waiters look with reads, which
         never block in WAL mode, and write only when it is their turn, so a crowd of
         waiters does not fight over SQLite's write lock."""
         if timeout == 0:

@@ -2,7 +2,7 @@
 
 Every timestamp comes from the server's ``TIME``; keys are passed in ``KEYS``, except
 the per-waiter signal lists, whose names are built from a prefix in ``ARGV``, and the
-presence channels (see ``_redis_presence``), which ``PUBSUB NUMSUB`` counts.
+presence channels (see ``redis.presence``), which ``PUBSUB NUMSUB`` counts.
 
 A queue member is ``<token>|<presence channel>``, so a script can tell that a waiter
 died without another key.

@@ -20,8 +20,9 @@ import threading
 import time
 from typing import Callable, Dict, Optional, Tuple
 
-from ._wakeup import _IN_CLOEXEC, _IN_NONBLOCK, CLOSED, MODIFIED, InotifyWaiter, libc
-from .adapters._files import (
+from ...errors import BrokerLockError
+from ..base import BackoffWaiter, Lease, Waiter
+from .files import (
     O_CLOEXEC,
     O_NOFOLLOW,
     KeptFiles,
@@ -30,8 +31,7 @@ from .adapters._files import (
     read_at,
     write_at,
 )
-from .adapters.base import BackoffWaiter, Lease, Waiter
-from .errors import BrokerLockError
+from .wakeup import _IN_CLOEXEC, _IN_NONBLOCK, CLOSED, MODIFIED, InotifyWaiter, libc
 
 log = logging.getLogger("brokerlock")
 

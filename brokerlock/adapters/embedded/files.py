@@ -15,8 +15,8 @@ import threading
 import time
 from typing import Callable, Dict, Set
 
-from .._platform import HAVE_FCNTL
-from ..errors import BrokerLockError
+from ..._platform import HAVE_FCNTL
+from ...errors import BrokerLockError
 
 #: Times a busy lock held for microseconds (a record's flock, SQLite's write lock) is
 #: tried again at once, after yielding the CPU, before the retries back off with sleeps:

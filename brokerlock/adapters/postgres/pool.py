@@ -20,7 +20,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Set, Tuple, TypeVar
 
-from ..errors import BrokerLockError
+from ...errors import BrokerLockError
 
 if TYPE_CHECKING:
     import psycopg

@@ -6,11 +6,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Callable, Optional
 
-from .._witness import Witness, witness_for
-from .base import Adapter, Lease, Request
+from ..base import Adapter, Lease, Request
+from .witness import Witness, witness_for
 
 if TYPE_CHECKING:
-    from .._bells import Bells
+    from .bells import Bells
 
 
 class EmbeddedStore(Adapter):
@@ -50,7 +50,7 @@ class EmbeddedStore(Adapter):
         # Loaded when first needed (a wait, or a release with someone waiting): an
         # uncontended cron job does not pay for inotify's ctypes at start-up.
         if self._bells_made is None:
-            from .._bells import Bells
+            from .bells import Bells
 
             self._bells_made = Bells(self._bells_dir, self._witness.path)
         return self._bells_made

@@ -15,9 +15,9 @@ import threading
 import time
 from typing import Any, Callable, NoReturn, Optional
 
-from ..errors import BrokerLockError
-from . import _sqlite_sql as sql
-from ._files import YIELDS, open_private, yield_cpu
+from ...errors import BrokerLockError
+from ..embedded.files import YIELDS, open_private, yield_cpu
+from . import sql
 
 log = logging.getLogger("brokerlock")
 

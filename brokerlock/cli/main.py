@@ -15,12 +15,12 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, NoReturn, Optional, Sequence
 
-from . import __version__
-from .errors import BrokerLockError
+from .. import __version__
+from ..errors import BrokerLockError
 
 if TYPE_CHECKING:
-    from .adapters.base import Lease
-    from .lock import BrokerLock
+    from ..adapters.base import Lease
+    from ..lock import BrokerLock
 
 #: Bad usage, bad values, a store that cannot be opened (argparse's own code).
 EX_USAGE = 2
@@ -187,7 +187,7 @@ def _parse(argv: List[str]) -> argparse.Namespace:
 
 
 def _duration(text: str, option: str, allow_none: bool) -> Optional[float]:
-    from .durations import parse_duration
+    from ..durations import parse_duration
 
     if allow_none and text.strip().lower() in ("none", "forever", "never"):
         return None
@@ -195,7 +195,7 @@ def _duration(text: str, option: str, allow_none: bool) -> Optional[float]:
 
 
 def _open(url: Optional[str]) -> BrokerLock:
-    from .lock import BrokerLock
+    from ..lock import BrokerLock
 
     return BrokerLock() if url is None else BrokerLock.from_url(url)
 
@@ -212,7 +212,7 @@ def _when(epoch: Optional[float]) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ._cli_run import run
+    from .run import run
 
     ttl = _duration(args.ttl, "--ttl", allow_none=True)
     timeout = _duration(args.timeout, "--timeout", allow_none=True)
@@ -229,7 +229,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .names import validate_name
+    from ..names import validate_name
 
     name = validate_name(args.name)
     lock = _open(args.url)
@@ -279,7 +279,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
-    from .names import validate_name
+    from ..names import validate_name
 
     name = validate_name(args.name)
     if not args.force:

@@ -4,7 +4,7 @@
 every value is a bound parameter.
 
 Liveness: each process's presence session holds an exclusive session-level advisory
-lock on its key (see ``_postgres_presence``). ``pg_try_advisory_xact_lock_shared(key)``
+lock on its key (see ``postgres.presence``). ``pg_try_advisory_xact_lock_shared(key)``
 fails exactly while that session lives, so it tells a live holder from a dead one with
 one lookup in the lock manager's hash table (not a scan of ``pg_locks``); when it
 succeeds, the shared lock it took on a dead key ends with the statement.

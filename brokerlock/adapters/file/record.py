@@ -15,8 +15,8 @@ import json
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..errors import BrokerLockError
-from .base import clock_fence
+from ...errors import BrokerLockError
+from ..base import clock_fence
 
 log = logging.getLogger("brokerlock")
 

@@ -23,8 +23,8 @@ import sys
 import threading
 from typing import Dict, Optional
 
-from ._platform import HAVE_WITNESS
-from .errors import BrokerLockError
+from ..._platform import HAVE_WITNESS
+from ...errors import BrokerLockError
 
 _RANDOM = random.SystemRandom()
 

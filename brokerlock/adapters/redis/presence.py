@@ -5,7 +5,7 @@ life of the process, and the process writes that name into every lease it holds 
 every place it takes in a queue. The server drops the subscription the moment the
 connection closes (the process died, its host vanished, the server restarted), so a
 script tells a dead holder or waiter from a live one with ``PUBSUB NUMSUB``, without
-trusting PIDs or clocks: the Redis twin of ``_postgres_presence``. Nobody ever
+trusting PIDs or clocks: the Redis twin of ``postgres.presence``. Nobody ever
 publishes on the channel, so the connection costs nothing while it sits there.
 """
 

@@ -5,7 +5,7 @@ can address a file outside the directory, and ``a/b`` and ``a_b`` stay distinct;
 readable name is kept inside the record. Each record is read and changed under a
 ``flock`` held for microseconds, never for the life of a hold: the lease, not the
 kernel lock, decides who holds, so that a ttl can take a lock from a holder that
-overran it. The holder's liveness is proved by its witness byte (see ``_witness``),
+overran it. The holder's liveness is proved by its witness byte (see ``embedded.witness``),
 which frees a killed holder's lock at once. Waiters sleep in inotify until a record
 is written or a process that used the store exits.
 
@@ -20,11 +20,10 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .._platform import HAVE_FCNTL
-from ..errors import BrokerLockError
-from ._embedded import EmbeddedStore, grant_news
-from ._file_record import Record, decode, encode, leased, stamp, stamp_text
-from ._files import (
+from ..._platform import HAVE_FCNTL
+from ...errors import BrokerLockError
+from ..base import Lease, Request
+from ..embedded.files import (
     NO_FLOCK,
     O_CLOEXEC,
     O_NOFOLLOW,
@@ -37,7 +36,8 @@ from ._files import (
     unlock_file,
     write_at,
 )
-from .base import Lease, Request
+from ..embedded.store import EmbeddedStore, grant_news
+from .record import Record, decode, encode, leased, stamp, stamp_text
 
 log = logging.getLogger("brokerlock")
 
