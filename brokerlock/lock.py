@@ -12,11 +12,13 @@ import logging
 import os
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, Callable, Iterator, Optional, Type, TypeVar
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Type, TypeVar
 
 from .adapters.base import Adapter, Lease, Request
+from .adapters.inflight import Acquisition, settle
 from .durations import Duration, format_duration, parse_duration
 from .errors import BrokerLockError, LockLost, LockTimeout
 from .names import validate_name
@@ -33,27 +35,46 @@ class Hold:
     ``expires`` is the monotonic time by which the lease ends at the latest, counted
     from *before* the store was asked, so it is never optimistic. ``mutex`` orders the
     renewer's extends against the owner's extend and release.
+
+    The hold refers to its item and its thread weakly: the renewer keeps holds, and
+    must not keep alive an item that was dropped, nor renew for a thread that ended
+    (see ``renew`` and docs/ownership.rst).
     """
 
     def __init__(self, item: BrokerLockItem, lease: Lease, asked: float, keepalive: bool) -> None:
-        self.item = item
+        self._item = weakref.ref(item)
+        self._thread = weakref.ref(threading.current_thread())
+        self.thread_name = threading.current_thread().name
+        self.name = item.name
+        self.adapter = item._adapter
         self.lease = lease
         self.ttl = item.ttl
         self.pid = os.getpid()
         self.expires = None if self.ttl is None else asked + self.ttl
         self.keepalive = keepalive and self.ttl is not None
         self.lost = False
+        #: Set when a release (or a lost extend) begins: the renewer leaves it alone.
         self.ended = False
         self.failures = 0
         self.mutex = threading.Lock()
 
     @property
+    def item(self) -> Optional[BrokerLockItem]:
+        return self._item()
+
+    @property
     def finished(self) -> bool:
         return self.ended or self.lost
 
-    @property
-    def name(self) -> str:
-        return self.item.name
+    def orphaned(self) -> Optional[str]:
+        """Why nobody can release this hold any more, if so: its thread ended, or its
+        item was garbage-collected while held."""
+        thread = self._thread()
+        if thread is None or not thread.is_alive():
+            return f"its thread {self.thread_name!r} ended without releasing it"
+        if self._item() is None:
+            return f"its item was dropped by thread {self.thread_name!r} without releasing it"
+        return None
 
     def remaining(self) -> Optional[float]:
         if self.lost:
@@ -69,9 +90,19 @@ class Hold:
         with self.mutex:
             if self.finished:
                 return None
+            orphaned = self.orphaned()
+            if orphaned is not None:
+                # Renewing it would keep the lock for ever, with nobody to release it:
+                # stop, and let the lease end by its ttl.
+                self.ended = True
+                log.warning(
+                    "lock %r fence %d is no longer renewed: %s; it ends by its ttl of %s",
+                    self.name, self.lease.fence, orphaned, format_duration(self.ttl),
+                )
+                return None
             asked = time.monotonic()
             try:
-                lease = self.item._adapter.extend(self.item.name, self.lease.token, self.ttl)
+                lease = self.adapter.extend(self.name, self.lease.token, self.ttl)
             except Exception as exc:
                 assert self.expires is not None
                 left = self.expires - time.monotonic()
@@ -82,7 +113,7 @@ class Hold:
                     log.log(
                         logging.WARNING if self.failures == 1 else logging.DEBUG,
                         "renewing lock %r fence %d failed, retrying (%.3fs of lease left): %s",
-                        self.item.name, self.lease.fence, left, exc,
+                        self.name, self.lease.fence, left, exc,
                     )
                     return time.monotonic() + min(MAX_RETRY_DELAY, self.ttl * RENEW_AT / 4, left / 2)
                 lease, why = None, f"could not renew before the lease ran out: {exc}"
@@ -93,14 +124,40 @@ class Hold:
                 if self.failures:
                     log.info(
                         "renewed %r fence %d after %d failed attempts",
-                        self.item.name, lease.fence, self.failures,
+                        self.name, lease.fence, self.failures,
                     )
                     self.failures = 0
                 else:
-                    log.debug("renewed %r fence %d", self.item.name, lease.fence)
+                    log.debug("renewed %r fence %d", self.name, lease.fence)
                 return asked + self.ttl * RENEW_AT
-        self.item._mark_lost(self, why)
+        mark_lost(self, why)
         return None
+
+
+def mark_lost(hold: Hold, why: str) -> None:
+    """Record the loss once, however many parties learn of it."""
+    with hold.mutex:
+        if hold.lost:
+            return
+        hold.lost = True
+    log.warning("lost lock %r fence %d: %s", hold.name, hold.lease.fence, why)
+    item = hold.item
+    if item is not None and item.on_lost is not None:
+        try:
+            item.on_lost(item)
+        except Exception:
+            log.exception("on_lost callback of lock %r raised", hold.name)
+
+
+#: Per thread: the holds it has, by (store id, name), whichever item they came through.
+_threads = threading.local()
+
+
+def _held_by_thread() -> Dict[Tuple[str, str], Hold]:
+    held: Optional[Dict[Tuple[str, str], Hold]] = getattr(_threads, "held", None)
+    if held is None:
+        held = _threads.held = {}
+    return held
 
 
 class BrokerLock:
@@ -226,16 +283,48 @@ class BrokerLockItem:
         return None if hold is None else hold.remaining()
 
     # -- acquiring -------------------------------------------------------------
-    def _request(self) -> Request:
+    #
+    # The invariant (see adapters/inflight.py): at every bytecode the lease is either
+    # owned by the calling thread (``_local.hold``, which ``release()`` frees) or free in
+    # the store. ``_local.pending`` is recorded *before* the store is asked and cleared
+    # only once the lease is owned or given back, so an interrupt that lands even in
+    # the cleanup itself leaves a record that the thread's next call finishes.
+    # An ``acquire()`` that raises leaves nothing held: its caller never got the item.
+
+    def _begin(self, waits: bool) -> Acquisition:
+        self._finish_pending()
         if self._hold() is not None:
             raise BrokerLockError(
                 f"lock {self.name!r} is already acquired by this thread; call release() first"
             )
-        return Request.make(self.name, os.urandom(16).hex(), self.ttl)
+        # Only a wait can wait for ourselves; one attempt (try_acquire, timeout 0) just
+        # finds the lock taken, as it would by anyone else. A wait that outlasts our own
+        # lease (not kept alive) ends in a takeover, which is no deadlock.
+        other = _held_by_thread().get((self._adapter.store_id, self.name)) if waits else None
+        left = None if other is None else other.remaining()
+        if (
+            other is not None
+            and other.pid == os.getpid()
+            and not other.finished
+            and left != 0.0
+            and (left is None or other.keepalive or self.timeout is None or left >= self.timeout)
+        ):
+            how = "another item" if other.item is not None else "an item dropped without release()"
+            raise BrokerLockError(
+                f"lock {self.name!r} is already held by this thread through {how} "
+                f"(fence {other.lease.fence}) in {self._adapter.url}: waiting for it would "
+                "wait for ourselves"
+            )
+        acquisition = Acquisition(self._adapter, Request.make(self.name, os.urandom(16).hex(), self.ttl))
+        self._local.pending = acquisition
+        return acquisition
 
-    def _took(self, lease: Lease, asked: float, keepalive: Optional[bool]) -> BrokerLockItem:
+    def _took(self, acquisition: Acquisition, asked: float, keepalive: Optional[bool]) -> BrokerLockItem:
+        lease = acquisition.lease
+        assert lease is not None
         hold = Hold(self, lease, asked, self.keepalive if keepalive is None else keepalive)
-        self._local.hold, self._local.last = hold, None
+        # Known to the thread's registry first: whatever is known there, _undo finds.
+        _held_by_thread()[(self._adapter.store_id, self.name)] = hold
         if hold.keepalive:
             from .renewer import renewer  # loaded with the first kept-alive hold
 
@@ -245,53 +334,106 @@ class BrokerLockItem:
                 "acquired %r fence %d after %.6fs on %s",
                 self.name, lease.fence, time.monotonic() - asked, self._adapter.url,
             )
+        # The hand-over: plain stores, no calls, so no interrupt lands between them; one
+        # that lands before makes the caller's handler give the lease back (_undo).
+        self._local.hold, self._local.last = hold, None
+        acquisition.owned()
+        self._local.pending = None
         return self
 
+    def _undo(self, acquisition: Acquisition) -> None:
+        """Give back all an interrupted acquire got (the caller re-raises): forget a hold
+        it recorded, leave the queue, release a lease granted to it."""
+        token = acquisition.token
+        hold = self._current()
+        if hold is not None and hold.lease.token == token:
+            self._local.hold = None
+        held = _held_by_thread()
+        key = (self._adapter.store_id, self.name)
+        mine = held.get(key)
+        if mine is not None and mine.lease.token == token:
+            mine.ended = True  # (the renewer drops it)
+            del held[key]
+        acquisition.disowned()  # the caller never got it: the cleanup gives it back
+        if acquisition.abandon() and getattr(self._local, "pending", None) is acquisition:
+            self._local.pending = None
+
+    def _finish_pending(self) -> None:
+        """Finish the cleanup of an acquire whose own cleanup was cut short."""
+        acquisition: Optional[Acquisition] = getattr(self._local, "pending", None)
+        if acquisition is not None:
+            if acquisition.request.pid != os.getpid():  # inherited through fork()
+                self._local.pending = None
+            else:
+                self._undo(acquisition)
+
     def acquire(self, *, keepalive: Optional[bool] = None) -> BrokerLockItem:
-        """Block until the lock is held; :class:`LockTimeout` once ``timeout`` passes."""
-        request = self._request()
+        """Block until the lock is held; :class:`LockTimeout` once ``timeout`` passes.
+
+        :class:`BrokerLockError` at once if this thread holds the name in the same
+        store through another item: it would wait for itself.
+        """
+        acquisition = self._begin(self.timeout != 0)
         asked = time.monotonic()
-        lease = self._adapter.acquire(request, self.timeout)
-        if lease is None:
-            waited = time.monotonic() - asked
-            holder = self._adapter.get(self.name)
-            who = holder.describe() if holder is not None else "its holder just released it"
-            log.debug("timed out on %r after %.3fs", self.name, waited)
-            raise LockTimeout(
-                f"could not acquire lock {self.name!r} within {format_duration(self.timeout)} "
-                f"(waited {format_duration(waited)}): {who}",
-                name=self.name,
-                holder=holder,
-                waited=waited,
-            )
-        return self._took(lease, asked, keepalive)
+        try:
+            lease = self._adapter.acquire(acquisition.request, self.timeout)
+            if lease is not None:
+                acquisition.granted(lease)
+                return self._took(acquisition, asked, keepalive)
+        except BaseException:
+            self._undo(acquisition)
+            raise
+        # Timed out: the adapter left the queue, and nothing is ours.
+        acquisition.abandoned()
+        self._local.pending = None
+        waited = time.monotonic() - asked
+        holder = self._adapter.get(self.name)
+        who = holder.describe() if holder is not None else "its holder just released it"
+        log.debug("timed out on %r after %.3fs", self.name, waited)
+        raise LockTimeout(
+            f"could not acquire lock {self.name!r} within {format_duration(self.timeout)} "
+            f"(waited {format_duration(waited)}): {who}",
+            name=self.name,
+            holder=holder,
+            waited=waited,
+        )
 
     def try_acquire(self, *, keepalive: Optional[bool] = None) -> Optional[BrokerLockItem]:
         """One attempt that never waits: the item if acquired, else ``None``."""
-        request = self._request()
+        acquisition = self._begin(False)
         asked = time.monotonic()
-        lease = self._adapter.try_acquire(request)
-        return None if lease is None else self._took(lease, asked, keepalive)
+        try:
+            lease = self._adapter.try_acquire(acquisition.request)
+            if lease is not None:
+                acquisition.granted(lease)
+                return self._took(acquisition, asked, keepalive)
+        except BaseException:
+            self._undo(acquisition)
+            raise
+        acquisition.abandoned()
+        self._local.pending = None
+        return None
 
     # -- holding ---------------------------------------------------------------
     def _mark_lost(self, hold: Hold, why: str) -> None:
-        """Record the loss once, however many parties learn of it."""
-        with hold.mutex:
-            if hold.lost:
-                return
-            hold.lost = True
-        log.warning("lost lock %r fence %d: %s", self.name, hold.lease.fence, why)
-        if self.on_lost is not None:
-            try:
-                self.on_lost(self)
-            except Exception:
-                log.exception("on_lost callback of lock %r raised", self.name)
+        mark_lost(hold, why)
 
     def _lost_error(self, hold: Hold, when: str) -> LockLost:
         return LockLost(
             f"lock {self.name!r} (fence {hold.lease.fence}) was lost before {when}: its lease "
             f"of {format_duration(self.ttl)} ran out, was taken over or was broken"
         )
+
+    def _forget(self, hold: Hold, last: bool = True) -> None:
+        """The thread no longer holds ``hold``: only once the store has let it go."""
+        if getattr(self._local, "hold", None) is hold:
+            self._local.hold = None
+        if last:
+            self._local.last = hold
+        held = _held_by_thread()
+        key = (self._adapter.store_id, self.name)
+        if held.get(key) is hold:
+            del held[key]
 
     def release(self) -> None:
         """Free the lock. A no-op when the calling thread holds nothing.
@@ -300,16 +442,32 @@ class BrokerLockItem:
         taken over, broken): someone else may have run the critical section meanwhile.
         The hold ends either way, also when the store cannot be reached (then
         :class:`BrokerLockError`: the lease ends by its ttl or with this process).
+        Interrupted (``KeyboardInterrupt``...), it finishes the release before the
+        interrupt propagates; if interrupts keep coming, the thread keeps the hold and
+        ``release()`` can be called again.
         """
         hold = self._current()
         if hold is None:
+            self._finish_pending()
             return
         with hold.mutex:
+            # A release that began before (and was cut short) may have freed it already.
+            again = hold.ended
             hold.ended = True
             known_lost = hold.lost
-        self._local.hold, self._local.last = None, hold
-        intact = self._adapter.release(self.name, hold.lease.token)
-        if known_lost or not intact:
+        token = hold.lease.token
+        try:
+            intact = self._adapter.release(self.name, token)
+        except BrokerLockError:
+            self._forget(hold)
+            raise
+        except BaseException:
+            # Never forget a hold before the store let it go: finish, then propagate.
+            if settle(lambda: self._adapter.release(self.name, token), self.name):
+                self._forget(hold)
+            raise
+        self._forget(hold)
+        if known_lost or not (intact or again):
             self._mark_lost(hold, "its lease had ended before the release")
             raise self._lost_error(hold, "release")
         log.debug("released %r fence %d", self.name, hold.lease.fence)
@@ -333,8 +491,8 @@ class BrokerLockItem:
                 hold.lease = lease
                 hold.expires = None if seconds is None else asked + seconds
         if lease is None:
-            self._local.hold, self._local.last = None, hold
             hold.ended = True
+            self._forget(hold)
             self._mark_lost(hold, "its lease had ended before extend()")
             raise self._lost_error(hold, "extend")
         log.debug("extended %r fence %d by %s", self.name, lease.fence, format_duration(seconds))
@@ -351,11 +509,16 @@ class BrokerLockItem:
         its exception propagates even when the lease was also lost (the loss is logged
         at WARNING); otherwise a lost lease raises :class:`LockLost` here.
         """
-        self.acquire(keepalive=keepalive)
+        before = self._current()
         try:
+            # Inside the try: an interrupt right after acquire() returned, before the
+            # block began, still releases (also when it lands in contextlib's
+            # __enter__: the generator is closed as it is dropped, here).
+            self.acquire(keepalive=keepalive)
             yield self
         except BaseException:
-            self._release_quietly()
+            if self._current() is not before:  # ours, not a hold acquire() refused for
+                self._release_quietly()
             raise
         self.release()
 

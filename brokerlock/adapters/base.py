@@ -122,6 +122,24 @@ class Adapter(abc.ABC):
     def force_release(self, name: str) -> bool:
         """Break whoever holds ``name``; ``True`` if there was a live holder."""
 
+    def abandon(self, name: str, token: str) -> None:
+        """Undo whatever an acquisition with ``token`` left in the store: leave the queue
+        of ``name`` and free the lease if ``token`` holds it, handing it on.
+
+        The one cleanup of an interrupted acquire (see ``adapters.inflight``). Tokens are
+        never reused, so it touches nothing of anybody else's, and it must be safe to run
+        at any moment and again from the start after an interrupt inside it. Back ends
+        with a queue of waiters extend it; here there are only leases.
+        """
+        self.release(name, token)
+
+    @property
+    def store_id(self) -> str:
+        """Names the store itself, not this client of it: two adapters on one store
+        give the same id. The same thread holding a name twice in one store would wait
+        for itself (see ``BrokerLockItem.acquire``)."""
+        return self.url
+
     def acquire(self, request: Request, timeout: Optional[float]) -> Optional[Lease]:
         """Block until acquired or ``timeout`` seconds have passed (``None``: forever)."""
         lease = self.try_acquire(request)

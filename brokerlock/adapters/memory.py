@@ -1,29 +1,43 @@
-"""In-process store: a dict and one Condition. Each instance is a private store.
+"""In-process store: a dict and one lock. Each instance is a private store.
 
 Useful for tests and for threads of one process. Waiters are served first come, first
-served: a newcomer never overtakes a thread that is already waiting.
+served: a newcomer never overtakes a thread that is already waiting. Each waiter
+sleeps on a Condition of its own, and whoever frees the lock (a release, a break, an
+expiry noticed, a waiter leaving the head of the queue) wakes only the head of the
+queue: no thundering herd of 64 threads woken to find that one of them won.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
-from collections import deque
-from typing import Callable, Deque, Dict, List, Optional
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional
 
 from .base import Adapter, Lease, Request
+
+
+class _Waiter:
+    __slots__ = ("cond",)
+
+    def __init__(self, mutex: threading.Lock) -> None:
+        self.cond = threading.Condition(mutex)
 
 
 class MemoryAdapter(Adapter):
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.url = "memory://"
         self._clock = clock
-        self._cond = threading.Condition()
+        self._mutex = threading.Lock()
         self._leases: Dict[str, Lease] = {}
         self._fences: Dict[str, int] = {}
-        self._queues: Dict[str, Deque[int]] = {}
-        self._tickets = itertools.count(1)
+        # Per name, the waiters by token in arrival order (first: the head).
+        self._queues: Dict[str, OrderedDict[str, _Waiter]] = {}
+
+    @property
+    def store_id(self) -> str:
+        # Every instance is a store of its own, whatever its URL says.
+        return f"memory://{id(self):x}"
 
     def now(self) -> float:
         return self._clock()
@@ -32,9 +46,15 @@ class MemoryAdapter(Adapter):
         lease = self._leases.get(name)
         if lease is not None and lease.expires_at is not None and lease.expires_at <= self._clock():
             del self._leases[name]
-            self._cond.notify_all()
+            self._wake_head(name)
             return None
         return lease
+
+    def _wake_head(self, name: str) -> None:
+        """The lock of ``name`` became free: wake the first waiter, only it."""
+        queue = self._queues.get(name)
+        if queue:
+            next(iter(queue.values())).cond.notify()
 
     def _grant(self, request: Request) -> Lease:
         fence = self._fences.get(request.name, 0) + 1
@@ -49,23 +69,24 @@ class MemoryAdapter(Adapter):
         return lease
 
     def try_acquire(self, request: Request) -> Optional[Lease]:
-        with self._cond:
+        with self._mutex:
             if self._live(request.name) is None and not self._queues.get(request.name):
                 return self._grant(request)
             return None
 
     def acquire(self, request: Request, timeout: Optional[float]) -> Optional[Lease]:
-        name = request.name
+        name, token = request.name, request.token
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            queue = self._queues.setdefault(name, deque())
-            ticket = next(self._tickets)
-            queue.append(ticket)
+        with self._mutex:
+            queue = self._queues.get(name)
+            if queue is None:
+                queue = self._queues[name] = OrderedDict()
+            waiter = queue[token] = _Waiter(self._mutex)
             try:
                 while True:
                     lease = self._live(name)
-                    if lease is None and queue[0] == ticket:
-                        return self._grant(request)
+                    if lease is None and next(iter(queue)) == token:
+                        return self._grant(request)  # (the finally leaves the queue)
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         return None
@@ -75,24 +96,42 @@ class MemoryAdapter(Adapter):
                     bound = 1.0
                     if lease is not None and lease.expires_at is not None:
                         bound = min(bound, max(0.0, lease.expires_at - self._clock()) + 0.0005)
-                    self._cond.wait(bound if remaining is None else min(remaining, bound))
+                    waiter.cond.wait(bound if remaining is None else min(remaining, bound))
             finally:
-                queue.remove(ticket)
-                if not queue:
-                    del self._queues[name]
-                self._cond.notify_all()
+                self._leave(name, token)
+
+    def _leave(self, name: str, token: str) -> None:
+        """Take ``token`` out of the queue (the mutex held); a head that leaves a free
+        lock behind wakes the next waiter."""
+        queue = self._queues.get(name)
+        if queue is None or token not in queue:
+            return
+        head = next(iter(queue)) == token
+        del queue[token]
+        if not queue:
+            del self._queues[name]
+        elif head and name not in self._leases:
+            self._wake_head(name)
+
+    def abandon(self, name: str, token: str) -> None:
+        with self._mutex:
+            self._leave(name, token)
+            self._release(name, token)
 
     def release(self, name: str, token: str) -> bool:
-        with self._cond:
-            lease = self._leases.get(name)
-            if lease is None or lease.token != token:
-                return False
-            del self._leases[name]
-            self._cond.notify_all()
-            return lease.expires_at is None or lease.expires_at > self._clock()
+        with self._mutex:
+            return self._release(name, token)
+
+    def _release(self, name: str, token: str) -> bool:
+        lease = self._leases.get(name)
+        if lease is None or lease.token != token:
+            return False
+        del self._leases[name]
+        self._wake_head(name)
+        return lease.expires_at is None or lease.expires_at > self._clock()
 
     def extend(self, name: str, token: str, ttl: Optional[float]) -> Optional[Lease]:
-        with self._cond:
+        with self._mutex:
             lease = self._live(name)
             if lease is None or lease.token != token:
                 return None
@@ -102,18 +141,18 @@ class MemoryAdapter(Adapter):
             return lease
 
     def get(self, name: str) -> Optional[Lease]:
-        with self._cond:
+        with self._mutex:
             return self._live(name)
 
     def list(self) -> List[Lease]:
-        with self._cond:
+        with self._mutex:
             return [lease for name in list(self._leases) if (lease := self._live(name)) is not None]
 
     def force_release(self, name: str) -> bool:
-        with self._cond:
+        with self._mutex:
             lease = self._live(name)
             if lease is None:
                 return False
             del self._leases[name]
-            self._cond.notify_all()
+            self._wake_head(name)
             return True

@@ -77,6 +77,10 @@ class FileAdapter(EmbeddedStore):
         )
         self._paths: Dict[str, str] = {}
 
+    @property
+    def store_id(self) -> str:
+        return "file://" + os.path.realpath(self.directory)
+
     # -- one record under its flock ----------------------------------------------
     def _path(self, name: str) -> str:
         path = self._paths.get(name)
@@ -290,6 +294,9 @@ class FileAdapter(EmbeddedStore):
             return news, new
 
         self._ring(self._update(name, "leave the queue of", change))
+
+    def abandon(self, name: str, token: str) -> None:
+        self._leave(name, token)  # by token: the queue place and any lease of ours
 
     def _ring(self, news: Optional[Tuple[Optional[str], bytes]]) -> None:
         if news is not None and news[0]:

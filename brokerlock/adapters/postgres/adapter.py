@@ -260,6 +260,16 @@ class PostgresAdapter(Adapter):
         # Timed out. A lock handed to us before we left the queue is ours to keep.
         return self._leave(request, member, keep=True)
 
+    def abandon(self, name: str, token: str) -> None:
+        listener = self._listeners.existing()  # none: this thread never queued here
+        if listener is not None:
+            params = {
+                "name": name, "token": token, "member": listener.member(token),
+                "prefix": CHANNEL_PREFIX,
+            }
+            self._pool.rows(f"leave the queue of {name!r}", self._hot["leave"], params)
+        self.release(name, token)  # a lease of ours (a hand-over too) goes on to the next
+
     @staticmethod
     def _granted(request: Request, payload: str) -> Lease:
         _member, fence, acquired, expires = payload.split("|")

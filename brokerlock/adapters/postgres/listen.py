@@ -149,6 +149,11 @@ class Listeners:
                 self._all.add(listener)
         return listener
 
+    def existing(self) -> Optional[Listener]:
+        """The calling thread's listener if it has one, without making one."""
+        listener: Optional[Listener] = getattr(self._local, "listener", None)
+        return listener if listener is not None and listener.pid == os.getpid() else None
+
     def close(self) -> None:
         with self._mutex:
             listeners, self._all = list(self._all), weakref.WeakSet()

@@ -50,6 +50,10 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
         super().__init__(self.path + "-witness", self.path + "-bells", clock)
         self._run("open the database", lambda conn: None)
 
+    @property
+    def store_id(self) -> str:
+        return "sqlite://" + os.path.realpath(self.path)
+
     def _params(self, request: Request) -> dict[str, Any]:
         now = self._clock()
         return {
@@ -258,8 +262,10 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
             if row is not None:
                 ticket = None  # the trigger took us out of the queue
                 return self._new_lease(request, params, int(row[0])), None, None
-            conn.execute("BEGIN IMMEDIATE")
             try:
+                # (BEGIN inside the try: an interrupt right after it must not leave the
+                # connection in a transaction that keeps SQLite's write lock from all.)
+                conn.execute("BEGIN IMMEDIATE")
                 head, dead = self._head(conn, name, params["now"])
                 busy, expires = self._holder(conn, name, params["now"])
                 turn = not busy and head is not None and head[0] == token
@@ -269,7 +275,8 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
                 self._delete_waiters(conn, dead)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
             # Dead waiters ahead were dropped: if the lock is free, tell the new head.
             wake = head[1] if dead and head is not None and not busy and fence is None else None
@@ -291,14 +298,23 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
             return None
         finally:
             if taken is None and ticket is not None:
-                self._leave(name, token, ticket)
+                self._leave(name, token)
 
-    def _leave(self, name: str, token: str, ticket: int) -> None:
-        """Take a waiter that gives up out of the queue. A release may have granted it the
-        lock in the meantime: then the lock goes on to the next waiter."""
+    def abandon(self, name: str, token: str) -> None:
+        # A transaction an interrupt left open would keep SQLite's write lock from all.
+        conn: Optional[sqlite3.Connection] = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == os.getpid() and conn.in_transaction:
+            self._run("roll back", lambda conn: conn.execute("ROLLBACK"))
+        self._leave(name, token)
+
+    def _leave(self, name: str, token: str) -> None:
+        """Take a waiter that gives up out of the queue, and free a lease ``token`` holds
+        (a release may have granted it the lock in the meantime): the lock goes on to
+        the next waiter. By token, not ticket: safe to run again, and whatever step
+        of the queue an interrupt cut short."""
 
         def leave(conn: sqlite3.Connection) -> Optional[str]:
-            conn.execute("DELETE FROM brokerlock_waiters WHERE ticket = ?", (ticket,))
+            conn.execute("DELETE FROM brokerlock_waiters WHERE name = ? AND token = ?", (name, token))
             return self._next_bell(conn, name)
 
         bell = self._run(f"leave the queue of {name!r}", leave)
