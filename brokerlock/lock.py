@@ -446,6 +446,16 @@ class BrokerLockItem:
         interrupt propagates; if interrupts keep coming, the thread keeps the hold and
         ``release()`` can be called again.
         """
+        try:
+            self._release()
+        except BrokerLockError:
+            raise
+        except BaseException:
+            # Interrupted anywhere in it: run it again to its end, then propagate.
+            settle(self._release_quietly, self.name)
+            raise
+
+    def _release(self) -> None:
         hold = self._current()
         if hold is None:
             self._finish_pending()
@@ -455,17 +465,12 @@ class BrokerLockItem:
             again = hold.ended
             hold.ended = True
             known_lost = hold.lost
-        token = hold.lease.token
         try:
-            intact = self._adapter.release(self.name, token)
+            intact = self._adapter.release(self.name, hold.lease.token)
         except BrokerLockError:
             self._forget(hold)
             raise
-        except BaseException:
-            # Never forget a hold before the store let it go: finish, then propagate.
-            if settle(lambda: self._adapter.release(self.name, token), self.name):
-                self._forget(hold)
-            raise
+        # Only now: never forget a hold before the store let it go.
         self._forget(hold)
         if known_lost or not (intact or again):
             self._mark_lost(hold, "its lease had ended before the release")
@@ -518,13 +523,14 @@ class BrokerLockItem:
             yield self
         except BaseException:
             if self._current() is not before:  # ours, not a hold acquire() refused for
-                self._release_quietly()
+                # Run to its end even if another interrupt lands in the release.
+                settle(self._release_quietly, self.name)
             raise
         self.release()
 
     def _release_quietly(self) -> None:
         try:
-            self.release()
+            self._release()
         except LockLost:
             pass  # logged at WARNING; the block's own error matters more
 
@@ -540,7 +546,7 @@ class BrokerLockItem:
         if exc_type is None:
             self.release()
         else:
-            self._release_quietly()
+            settle(self._release_quietly, self.name)
 
     def __call__(self, fn: F) -> F:
         """``@item`` runs each call of ``fn`` under ``item.hold()``."""

@@ -1,0 +1,118 @@
+"""The processes of the interrupt fuzz test (tests/test_interrupt_fuzz.py).
+
+``python interrupt_worker.py loop URL NAME DIR`` loops ``with item.hold():`` and
+survives the SIGINTs the test fires at it, counting what it sees: after each
+interrupt, a lease of its own thread in the store while the item says it holds
+nothing is a leak. ``rival URL NAME DIR`` contends for the same lock and records its
+longest wait. Both stop when DIR/stop appears, write DIR/<mode>.json, and (``loop``)
+stay alive until DIR/quit appears, so the test can look at the store while they live.
+For the memory store the rival is a thread of the loop's process (``URL`` memory://).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Dict, List
+
+from brokerlock import BrokerLock, BrokerLockItem, LockTimeout
+
+TTL = "20s"
+TIMEOUT = "15s"
+
+
+def rival(item: BrokerLockItem, folder: str, out: Dict[str, Any]) -> None:
+    longest = 0.0
+    rounds = timeouts = 0
+    while not os.path.exists(os.path.join(folder, "stop")):
+        started = time.monotonic()
+        try:
+            item.acquire()
+        except LockTimeout:
+            timeouts += 1
+            continue
+        longest = max(longest, time.monotonic() - started)
+        rounds += 1
+        time.sleep(0.001)
+        item.release()
+        time.sleep(0.001)
+    out.update(rounds=rounds, timeouts=timeouts, longest=longest)
+
+
+def loop(item: BrokerLockItem, folder: str, out: Dict[str, Any]) -> None:
+    store = item._adapter
+    me = threading.current_thread().name
+    where: List[str] = []  # where the interrupts that left a hold landed
+    last = [""]
+    counts: Dict[str, Any] = {"rounds": 0, "interrupts": 0, "leaked": 0, "held": 0, "timeouts": 0, "unchecked": 0}
+
+    def check() -> None:
+        """After an interrupt: the thread holds nothing (the with block ended), and
+        no lease of this thread is left in the store."""
+        if item.acquired:
+            counts["held"] += 1
+            where.append(last[0])
+            item.release()
+        lease = store.get(item.name)
+        if lease is not None and lease.pid == os.getpid() and lease.thread == me:
+            counts["leaked"] += 1
+
+    stop = os.path.join(folder, "stop")
+    with open(os.path.join(folder, "ready"), "w"):
+        pass
+    while not os.path.exists(stop):
+        # Nested: an interrupt can land in the handler of the one before it.
+        try:
+            while not os.path.exists(stop):
+                try:
+                    with item.hold():
+                        counts["rounds"] += 1
+                        time.sleep(0.001)
+                except LockTimeout:
+                    counts["timeouts"] += 1
+                except KeyboardInterrupt:
+                    counts["interrupts"] += 1
+                    last[0] = traceback.format_exc(limit=-4)
+                    try:
+                        check()
+                    except KeyboardInterrupt:
+                        counts["unchecked"] += 1
+        except KeyboardInterrupt:
+            counts["interrupts"] += 1
+    check()  # no more interrupts now
+    out.update(counts, where=where)
+
+
+def main(mode: str, url: str, name: str, folder: str) -> None:
+    out: Dict[str, Any] = {}
+    lock = BrokerLock.from_url(url)
+    item = lock.item(name, ttl=TTL, timeout=TIMEOUT)
+    helper = None
+    rival_out: Dict[str, Any] = {}
+    if mode == "loop" and url.startswith("memory:"):
+        other = BrokerLock(lock.adapter).item(name, ttl=TTL, timeout=TIMEOUT)
+        helper = threading.Thread(target=rival, args=(other, folder, rival_out), daemon=True)
+        helper.start()
+    (loop if mode == "loop" else rival)(item, folder, out)
+    if helper is not None:
+        helper.join()
+        with open(os.path.join(folder, "rival.json"), "w") as f:
+            json.dump(rival_out, f)
+    if helper is not None:  # (another process's rival may hold it still)
+        out["free"] = lock.adapter.get(name) is None
+    with open(os.path.join(folder, mode + ".json.tmp"), "w") as f:
+        json.dump(out, f)
+    os.rename(os.path.join(folder, mode + ".json.tmp"), os.path.join(folder, mode + ".json"))
+    if mode == "loop":
+        while not os.path.exists(os.path.join(folder, "quit")):
+            time.sleep(0.01)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
+    sys.stdout.flush()
+    os._exit(0)
