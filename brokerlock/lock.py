@@ -41,15 +41,18 @@ class Hold:
     (see ``renew`` and docs/ownership.rst).
     """
 
-    def __init__(self, item: BrokerLockItem, lease: Lease, asked: float, keepalive: bool) -> None:
+    def __init__(
+        self, item: BrokerLockItem, lease: Lease, asked: float, keepalive: bool, pid: int
+    ) -> None:
+        thread = threading.current_thread()
         self._item = weakref.ref(item)
-        self._thread = weakref.ref(threading.current_thread())
-        self.thread_name = threading.current_thread().name
+        self._thread = weakref.ref(thread)
+        self.thread_name = thread.name
         self.name = item.name
         self.adapter = item._adapter
         self.lease = lease
         self.ttl = item.ttl
-        self.pid = os.getpid()
+        self.pid = pid
         self.expires = None if self.ttl is None else asked + self.ttl
         self.keepalive = keepalive and self.ttl is not None
         self.lost = False
@@ -231,6 +234,9 @@ class BrokerLockItem:
         self.on_lost = on_lost
         self._lock = lock
         self._adapter = lock.adapter
+        #: The name in its store, whichever client reaches it: the key of the thread's
+        #: registry of holds (see ``_begin``).
+        self._key = (lock.adapter.store_id, self.name)
         self._local = threading.local()
 
     # -- per-thread state ------------------------------------------------------
@@ -300,7 +306,7 @@ class BrokerLockItem:
         # Only a wait can wait for ourselves; one attempt (try_acquire, timeout 0) just
         # finds the lock taken, as it would by anyone else. A wait that outlasts our own
         # lease (not kept alive) ends in a takeover, which is no deadlock.
-        other = _held_by_thread().get((self._adapter.store_id, self.name)) if waits else None
+        other = _held_by_thread().get(self._key) if waits else None
         left = None if other is None else other.remaining()
         if (
             other is not None
@@ -322,9 +328,12 @@ class BrokerLockItem:
     def _took(self, acquisition: Acquisition, asked: float, keepalive: Optional[bool]) -> BrokerLockItem:
         lease = acquisition.lease
         assert lease is not None
-        hold = Hold(self, lease, asked, self.keepalive if keepalive is None else keepalive)
+        hold = Hold(
+            self, lease, asked, self.keepalive if keepalive is None else keepalive,
+            acquisition.request.pid,
+        )
         # Known to the thread's registry first: whatever is known there, _undo finds.
-        _held_by_thread()[(self._adapter.store_id, self.name)] = hold
+        _held_by_thread()[self._key] = hold
         if hold.keepalive:
             from .renewer import renewer  # loaded with the first kept-alive hold
 
@@ -349,11 +358,10 @@ class BrokerLockItem:
         if hold is not None and hold.lease.token == token:
             self._local.hold = None
         held = _held_by_thread()
-        key = (self._adapter.store_id, self.name)
-        mine = held.get(key)
+        mine = held.get(self._key)
         if mine is not None and mine.lease.token == token:
             mine.ended = True  # (the renewer drops it)
-            del held[key]
+            del held[self._key]
         acquisition.disowned()  # the caller never got it: the cleanup gives it back
         if acquisition.abandon() and getattr(self._local, "pending", None) is acquisition:
             self._local.pending = None
@@ -431,9 +439,8 @@ class BrokerLockItem:
         if last:
             self._local.last = hold
         held = _held_by_thread()
-        key = (self._adapter.store_id, self.name)
-        if held.get(key) is hold:
-            del held[key]
+        if held.get(self._key) is hold:
+            del held[self._key]
 
     def release(self) -> None:
         """Free the lock. A no-op when the calling thread holds nothing.

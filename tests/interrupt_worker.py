@@ -48,7 +48,9 @@ def loop(item: BrokerLockItem, folder: str, out: Dict[str, Any]) -> None:
     me = threading.current_thread().name
     where: List[str] = []  # where the interrupts that left a hold landed
     last = [""]
-    counts: Dict[str, Any] = {"rounds": 0, "interrupts": 0, "leaked": 0, "held": 0, "timeouts": 0, "unchecked": 0}
+    counts: Dict[str, Any] = dict.fromkeys(
+        ("rounds", "interrupts", "leaked", "deferred", "held", "timeouts", "unchecked"), 0
+    )
 
     def check() -> None:
         """After an interrupt: the thread holds nothing (the with block ended), and
@@ -59,7 +61,14 @@ def loop(item: BrokerLockItem, folder: str, out: Dict[str, Any]) -> None:
             item.release()
         lease = store.get(item.name)
         if lease is not None and lease.pid == os.getpid() and lease.thread == me:
-            counts["leaked"] += 1
+            # A second interrupt on the entry of the cleanup itself (no Python code can
+            # stop that) leaves the acquisition recorded as pending: the item's next
+            # call finishes it. Anything else of ours in the store is a leak.
+            pending = getattr(item._local, "pending", None)
+            if pending is not None and pending.token == lease.token:
+                counts["deferred"] += 1
+            else:
+                counts["leaked"] += 1
 
     stop = os.path.join(folder, "stop")
     with open(os.path.join(folder, "ready"), "w"):

@@ -80,6 +80,8 @@ class MemoryAdapter(Adapter):
         with self._mutex:
             queue = self._queues.get(name)
             if queue is None:
+                if self._live(name) is None:
+                    return self._grant(request)  # free, nobody waits: no queue needed
                 queue = self._queues[name] = OrderedDict()
             waiter = queue[token] = _Waiter(self._mutex)
             try:
