@@ -169,27 +169,37 @@ class BrokerLockItem:
             raise BrokerLockError(
                 f"lock {self.name!r} is already acquired by this thread; call release() first"
             )
-        # Only a wait can wait for ourselves; one attempt (try_acquire, timeout 0) just
-        # finds the lock taken, as it would by anyone else. A wait that outlasts our own
-        # lease (not kept alive) ends in a takeover, which is no deadlock.
-        other = held_by_thread().get(self._key) if waits else None
-        left = None if other is None else other.remaining()
-        if (
-            other is not None
-            and other.pid == os.getpid()
-            and not other.finished
-            and left != 0.0
-            and (left is None or other.keepalive or self.timeout is None or left >= self.timeout)
-        ):
-            how = "another item" if other.item is not None else "an item dropped without release()"
-            raise BrokerLockError(
-                f"lock {self.name!r} is already held by this thread through {how} "
-                f"(fence {other.lease.fence}) in {self._adapter.url}: waiting for it would "
-                "wait for ourselves"
-            )
+        if waits:
+            self._refuse_to_wait_for_ourselves()
         acquisition = Acquisition(self._adapter, Request.make(self.name, os.urandom(16).hex(), self.ttl))
         self._local.pending = acquisition
         return acquisition
+
+    def _refuse_to_wait_for_ourselves(self) -> None:
+        """Raise if this thread holds the name in this store through another item.
+
+        Only a wait can wait for ourselves; one attempt (try_acquire, timeout 0) just
+        finds the lock taken, as it would by anyone else. A wait that outlasts our own
+        lease (not kept alive) ends in a takeover, which is no deadlock; nor is a hold
+        the store no longer has (a server that lost its data, a broken lease).
+        """
+        other = held_by_thread().get(self._key)
+        if other is None or other.pid != os.getpid() or other.finished:
+            return
+        left = other.remaining()
+        if left == 0.0 or not (
+            left is None or other.keepalive or self.timeout is None or left >= self.timeout
+        ):
+            return
+        current = self._adapter.get(self.name)
+        if current is None or current.token != other.lease.token:
+            return
+        how = "another item" if other.item is not None else "an item dropped without release()"
+        raise BrokerLockError(
+            f"lock {self.name!r} is already held by this thread through {how} "
+            f"(fence {other.lease.fence}) in {self._adapter.url}: waiting for it would "
+            "wait for ourselves"
+        )
 
     def _took(self, acquisition: Acquisition, asked: float, keepalive: Optional[bool]) -> BrokerLockItem:
         lease = acquisition.lease

@@ -25,6 +25,7 @@ from ..embedded.files import ensure_private_dir
 from ..embedded.store import EmbeddedStore, grant_news
 from . import sql
 from .conn import SQLiteConnections, _OutOfTime, _prepare_database_file
+from .waiting import QueuePlace
 
 #: How long a waiter's place in the queue lasts unless renewed, which the waiter does
 #: while it waits; bounds the stall a waiter that vanished without a trace can cause.
@@ -200,104 +201,23 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
         name, token = request.name, request.token
         witness = self._witness.mine()  # also creates the witness file the waiter watches
         bell = self._bells.make()
-        ticket: Optional[int] = None
-        refresh_at = 0.0
-
-        entry = {
-            "name": name, "token": token, "witness": witness, "bell": bell, "ttl": request.ttl,
-            "host": request.host, "pid": request.pid, "thread": request.thread,
-        }
-
-        def join(conn: sqlite3.Connection, now: float) -> None:
-            """Take a place at the end of the queue (again)."""
-            nonlocal ticket, refresh_at
-            until = now + QUEUE_ENTRY_LIFE
-            ticket = conn.execute(sql.JOIN_QUEUE, {**entry, "until": until}).fetchone()[0]
-            refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
-
-        def step(conn: sqlite3.Connection) -> Tuple[Optional[Lease], Optional[float], Optional[str]]:
-            nonlocal ticket, refresh_at
-            now = self._clock()
-            if ticket is None:
-                join(conn, now)
-            elif time.monotonic() >= refresh_at:
-                if conn.execute(
-                    "UPDATE brokerlock_waiters SET until = ? WHERE ticket = ?",
-                    (now + QUEUE_ENTRY_LIFE, ticket),
-                ).rowcount:
-                    refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
-                else:
-                    # Granted the lock (see below), or our place ran out while we could not
-                    # renew it (a pause, a clock step) and someone pruned it: then queue
-                    # again rather than wait for nothing.
-                    holder = conn.execute(sql.HOLDER, (name,)).fetchone()
-                    if holder is not None and holder[1] == token and _live(holder, now):
-                        ticket = None
-                        return self._lease(holder), None, None
-                    join(conn, now)
-            # A read first, which never waits for SQLite's write lock: granted (its news
-            # lost), or held by a live holder (then sleep until the bell or its expiry).
-            # It must come after the join: a release from then on finds us and rings.
-            holder = conn.execute(sql.HOLDER, (name,)).fetchone()
-            if holder is not None and holder[1] == token:
-                if _live(holder, now):
-                    ticket = None
-                    return self._lease(holder), None, None
-                # Granted, but the lease ran out before we learned of it (we were
-                # stopped): not ours to walk in with. Our place went with the grant:
-                # queue again and take the lock below like any head of the queue (what
-                # follows never sleeps on this read: its lease is not live).
-                join(conn, now)
-            if (
-                holder is not None
-                and holder[1] is not None
-                and _live(holder, now)
-                and self._witness.is_alive(holder[8])
-            ):
-                return None, holder[4], None
-            # Free, run out or its holder dead: take it if we head the queue, in one
-            # statement; dead waiters ahead of us make it fail, and are pruned below.
-            params = self._params(request)
-            row = conn.execute(sql.ACQUIRE_HEAD, params).fetchone()
-            if row is not None:
-                ticket = None  # the trigger took us out of the queue
-                return self._new_lease(request, params, int(row[0])), None, None
-            try:
-                # (BEGIN inside the try: an interrupt right after it must not leave the
-                # connection in a transaction that keeps SQLite's write lock from all.)
-                conn.execute("BEGIN IMMEDIATE")
-                head, dead = self._head(conn, name, params["now"])
-                busy, expires = self._holder(conn, name, params["now"])
-                turn = not busy and head is not None and head[0] == token
-                fence = self._take(conn, params, newcomer=False) if turn else None
-                if fence is not None:
-                    conn.execute("DELETE FROM brokerlock_waiters WHERE ticket = ?", (ticket,))
-                self._delete_waiters(conn, dead)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            # Dead waiters ahead were dropped: if the lock is free, tell the new head.
-            wake = head[1] if dead and head is not None and not busy and fence is None else None
-            return self._new_lease(request, params, fence), expires, wake
-
+        place = QueuePlace(self, request, witness, bell, QUEUE_ENTRY_LIFE)
         taken: Optional[Lease] = None
         try:
             taken = self._bells.wait_turn(
                 bell,
                 deadline,
                 self._clock,
-                lambda: self._run(f"acquire {name!r}", step, deadline),
+                lambda: self._run(f"acquire {name!r}", place.step, deadline),
                 lambda news: self._granted(request, news),
             )
-            if taken is not None:
-                ticket = None  # granted: the trigger took us out of the queue
             return taken
         except _OutOfTime:
             return None
         finally:
-            if taken is None and ticket is not None:
+            if taken is None:
+                # By token: our place, and a lock a release granted us meanwhile, go on
+                # to the next waiter (an interrupt gets the same from Adapter.abandon).
                 self._leave(name, token)
 
     def abandon(self, name: str, token: str) -> None:
@@ -422,7 +342,3 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
         lease = self.get(name)
         return lease is not None and self._free(name, lease.token, "break") is not None
 
-
-def _live(holder: Tuple[Any, ...], now: float) -> bool:
-    """Whether the lease in a ``sql.HOLDER`` row has not run out."""
-    return holder[4] is None or bool(holder[4] > now)

@@ -1,0 +1,131 @@
+"""A waiter's place in the queue of an SQLite store, as one object with its state.
+
+The state a waiter carries between its looks at the store is its ``ticket`` (its place
+in ``brokerlock_waiters``, ``None`` while it has none) and when that place must be
+renewed. The place is left by token (``SQLiteAdapter._leave``), never by ticket, so
+whichever step an interrupt cuts short, the one cleanup finds what is ours.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from typing import TYPE_CHECKING, Any, Optional, Tuple
+
+from ..base import Lease, Request
+from . import sql
+
+if TYPE_CHECKING:
+    from .adapter import SQLiteAdapter
+
+#: What a step tells ``Bells.wait_turn``: the lease if taken, when the current lease
+#: expires, and a bell to ring.
+Step = Tuple[Optional[Lease], Optional[float], Optional[str]]
+
+
+class QueuePlace:
+    def __init__(
+        self, store: SQLiteAdapter, request: Request, witness: Optional[str],
+        bell: Optional[str], life: float,
+    ) -> None:
+        self.store = store
+        self.request = request
+        self.life = life
+        #: Our place in the queue; ``None``: not queued (yet, or any more: a grant or our
+        #: own take removed it).
+        self.ticket: Optional[int] = None
+        #: When our place must be renewed (monotonic), lest others prune it.
+        self.refresh_at = 0.0
+        self.entry = {
+            "name": request.name, "token": request.token, "witness": witness, "bell": bell,
+            "ttl": request.ttl, "host": request.host, "pid": request.pid,
+            "thread": request.thread,
+        }
+
+    def join(self, conn: sqlite3.Connection, now: float) -> None:
+        """Take a place at the end of the queue (again)."""
+        until = now + self.life
+        self.ticket = conn.execute(sql.JOIN_QUEUE, {**self.entry, "until": until}).fetchone()[0]
+        self.refresh_at = time.monotonic() + self.life / 3
+
+    def step(self, conn: sqlite3.Connection) -> Step:
+        """One look at the store: the lease if we have it or can take it now."""
+        store, request = self.store, self.request
+        name, token = request.name, request.token
+        now = store._clock()
+        if self.ticket is None:
+            self.join(conn, now)
+        elif time.monotonic() >= self.refresh_at:
+            if conn.execute(
+                "UPDATE brokerlock_waiters SET until = ? WHERE ticket = ?",
+                (now + self.life, self.ticket),
+            ).rowcount:
+                self.refresh_at = time.monotonic() + self.life / 3
+            else:
+                # Granted the lock (see below), or our place ran out while we could not
+                # renew it (a pause, a clock step) and someone pruned it: then queue
+                # again rather than wait for nothing.
+                holder = conn.execute(sql.HOLDER, (name,)).fetchone()
+                if holder is not None and holder[1] == token and live(holder, now):
+                    self.ticket = None
+                    return store._lease(holder), None, None
+                self.join(conn, now)
+        # A read first, which never waits for SQLite's write lock: granted (its news
+        # lost), or held by a live holder (then sleep until the bell or its expiry).
+        # It must come after the join: a release from then on finds us and rings.
+        holder = conn.execute(sql.HOLDER, (name,)).fetchone()
+        if holder is not None and holder[1] == token:
+            if live(holder, now):
+                self.ticket = None
+                return store._lease(holder), None, None
+            # Granted, but the lease ran out before we learned of it (we were
+            # stopped): not ours to walk in with. Our place went with the grant:
+            # queue again and take the lock below like any head of the queue (what
+            # follows never sleeps on this read: its lease is not live).
+            self.join(conn, now)
+        if (
+            holder is not None
+            and holder[1] is not None
+            and live(holder, now)
+            and store._witness.is_alive(holder[8])
+        ):
+            return None, holder[4], None
+        # Free, run out or its holder dead: take it if we head the queue, in one
+        # statement; dead waiters ahead of us make it fail, and are pruned below.
+        params = store._params(request)
+        row = conn.execute(sql.ACQUIRE_HEAD, params).fetchone()
+        if row is not None:
+            self.ticket = None  # the trigger took us out of the queue
+            return store._new_lease(request, params, int(row[0])), None, None
+        return self._turn(conn, params)
+
+    def _turn(self, conn: sqlite3.Connection, params: Any) -> Step:
+        """The careful way, in a write transaction: take the lock if it is our turn,
+        and drop the dead waiters ahead of us."""
+        store, name, token = self.store, self.request.name, self.request.token
+        try:
+            # (BEGIN inside the try: an interrupt right after it must not leave the
+            # connection in a transaction that keeps SQLite's write lock from all.)
+            conn.execute("BEGIN IMMEDIATE")
+            head, dead = store._head(conn, name, params["now"])
+            busy, expires = store._holder(conn, name, params["now"])
+            turn = not busy and head is not None and head[0] == token
+            fence = store._take(conn, params, newcomer=False) if turn else None
+            if fence is not None:
+                conn.execute("DELETE FROM brokerlock_waiters WHERE ticket = ?", (self.ticket,))
+            store._delete_waiters(conn, dead)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if fence is not None:
+            self.ticket = None
+        # Dead waiters ahead were dropped: if the lock is free, tell the new head.
+        wake = head[1] if dead and head is not None and not busy and fence is None else None
+        return store._new_lease(self.request, params, fence), expires, wake
+
+
+def live(holder: Tuple[Any, ...], now: float) -> bool:
+    """Whether the lease in a ``sql.HOLDER`` row has not run out."""
+    return holder[4] is None or bool(holder[4] > now)
