@@ -242,6 +242,11 @@ class BrokerLockItem:
         if acquisition.abandon() and getattr(self._local, "pending", None) is acquisition:
             self._local.pending = None
 
+    def _forget_acquisition(self, acquisition: Acquisition) -> None:
+        acquisition.abandoned()
+        if getattr(self._local, "pending", None) is acquisition:
+            self._local.pending = None
+
     def _finish_pending(self) -> None:
         """Finish the cleanup of an acquire whose own cleanup was cut short."""
         acquisition: Optional[Acquisition] = getattr(self._local, "pending", None)
@@ -264,12 +269,17 @@ class BrokerLockItem:
             if lease is not None:
                 acquisition.granted(lease)
                 return self._took(acquisition, asked, keepalive)
+        except BrokerLockError:
+            # The store failed us: cleaning up would wait for it again (a busy SQLite
+            # file, a server that is gone). What it may keep of ours lapses by itself:
+            # a queue place after its patience, a lease by its ttl or with this process.
+            self._forget_acquisition(acquisition)
+            raise
         except BaseException:
             self._undo(acquisition)
             raise
         # Timed out: the adapter left the queue, and nothing is ours.
-        acquisition.abandoned()
-        self._local.pending = None
+        self._forget_acquisition(acquisition)
         waited = time.monotonic() - asked
         holder = self._adapter.get(self.name)
         who = holder.describe() if holder is not None else "its holder just released it"
@@ -291,11 +301,16 @@ class BrokerLockItem:
             if lease is not None:
                 acquisition.granted(lease)
                 return self._took(acquisition, asked, keepalive)
+        except BrokerLockError:
+            # The store failed us: cleaning up would wait for it again (a busy SQLite
+            # file, a server that is gone). What it may keep of ours lapses by itself:
+            # a queue place after its patience, a lease by its ttl or with this process.
+            self._forget_acquisition(acquisition)
+            raise
         except BaseException:
             self._undo(acquisition)
             raise
-        acquisition.abandoned()
-        self._local.pending = None
+        self._forget_acquisition(acquisition)
         return None
 
     # -- holding ---------------------------------------------------------------

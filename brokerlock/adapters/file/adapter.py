@@ -38,6 +38,7 @@ from ..embedded.files import (
 )
 from ..embedded.store import EmbeddedStore, grant_news
 from .record import Record, decode, encode, leased, stamp, stamp_text
+from .waiting import QueuePlace
 
 log = logging.getLogger("brokerlock")
 
@@ -225,50 +226,11 @@ class FileAdapter(EmbeddedStore):
         name, token = request.name, request.token
         witness = self._witness.mine()  # also creates the witness file the waiter watches
         bell = self._bells.make()
-        refresh_at = 0.0
-        wake: Optional[str] = None
-
-        def join_or_take(record: Optional[Record]) -> Tuple[Any, Optional[Record]]:
-            nonlocal refresh_at, wake
-            now = self._clock()
-            free = not self._holds(record, now)
-            if record is not None and record.get("token") == token and not free:
-                return self._lease(record), None  # granted by a release; its news was lost
-            queue = self._queue(record, now)
-            if free and (not queue or queue[0][0] == token):
-                return self._take(record, request, now, queue)
-            changed = record is None or len(queue) != len(record.get("queue") or [])
-            if changed and free and queue:
-                wake = queue[0][3]  # dead waiters were dropped: tell the new head
-            place = next((i for i, e in enumerate(queue) if e[0] == token), None)
-            if place is None or time.monotonic() >= refresh_at:
-                entry = [
-                    token, witness, now + QUEUE_ENTRY_LIFE, bell,
-                    request.ttl, request.host, request.pid, request.thread,
-                ]
-                if place is None:
-                    queue.append(entry)
-                else:
-                    queue[place] = entry  # a refresh keeps the place in line
-                refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
-                changed = True
-            if not changed:
-                return _expiry(record), None
-            base = record if record is not None else {"name": name, "fence": 0, "token": None}
-            return _expiry(record), {**base, "queue": queue}
-
-        def step() -> Tuple[Optional[Lease], Optional[float], Optional[str]]:
-            nonlocal wake
-            wake = None
-            outcome = self._update(name, "acquire", join_or_take)
-            if isinstance(outcome, Lease):
-                return outcome, None, wake
-            return None, outcome, wake
-
+        place = QueuePlace(self, request, witness, bell, QUEUE_ENTRY_LIFE)
         taken: Optional[Lease] = None
         try:
             taken = self._bells.wait_turn(
-                bell, deadline, self._clock, step, lambda news: self._granted(request, news)
+                bell, deadline, self._clock, place.step, lambda news: self._granted(request, news)
             )
             return taken
         finally:
@@ -390,10 +352,3 @@ def _forget(fd: int, path: str) -> None:
             pass
     _RECORDS.drop(path)
 
-
-def _expiry(record: Optional[Record]) -> Optional[float]:
-    """When the current lease runs out, if there is one: a waiter must look again then."""
-    if record is None or not record.get("token"):
-        return None
-    expires = record.get("expires_at")
-    return float(expires) if expires is not None else None
