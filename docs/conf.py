@@ -31,7 +31,7 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(typing\.)?(Any|Optional|Union|Callable.*|Iterator|List|Dict|Tuple|Type)"),
     (r"py:.*", r"(abc\.ABC|Exception|TimeoutError|float|int|str|bool|None|NoneType)"),
-    (r"py:.*", r"(datetime\.)?timedelta|threading\..*|pathlib\..*|os\.PathLike.*"),
+    (r"py:.*", r"(datetime\.)?timedelta|threading\..*|pathlib\..*|os\.PathLike.*|types\..*"),
     (r"py:.*", r"(redis|psycopg)\..*"),
     # The decorator's type variable and the embedded stores' private base classes.
     (r"py:class", r"brokerlock\.lock\.F"),
