@@ -27,7 +27,8 @@ def test_a_stray_file_fails_the_run(tmp_path: Path, writes_outside: bool) -> Non
     (tree / "test_inner.py").write_text(
         f"def test_writes():\n    open({str(target)!r}, 'w').write('x')\n    assert True\n"
     )
-    env = {**os.environ, "HOME": str(home), "TMPDIR": str(temp), "XDG_STATE_HOME": str(home / "state")}
+    env = {**os.environ, "HOME": str(home), "USERPROFILE": str(home), "XDG_STATE_HOME": str(home / "state")}
+    env.update(TMPDIR=str(temp), TMP=str(temp), TEMP=str(temp))  # POSIX, then Windows
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tree), str(tree)],
         cwd=tree, env=env, capture_output=True, text=True, timeout=120,
