@@ -62,3 +62,12 @@ def test_readme_is_valid_restructuredtext() -> None:
     docutils.core.publish_doctree(
         README.read_text(encoding="utf-8"), settings_overrides={"halt_level": 2, "report_level": 2}
     )
+
+
+def test_readme_links_name_pages_that_exist() -> None:
+    """Every documentation link in the README names a page of docs/."""
+    text = README.read_text(encoding="utf-8")
+    pages = re.findall(r"https://brokerlock\.readthedocs\.io/en/latest/([\w-]+)\.html", text)
+    assert len(pages) >= 5
+    missing = [p for p in pages if not (ROOT / "docs" / f"{p}.rst").exists()]
+    assert not missing, f"README links to pages docs/ does not have: {missing}"
