@@ -13,6 +13,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -60,8 +61,20 @@ def _exercise(lock: BrokerLock) -> None:
     holder.acquire()
     from brokerlock import LockTimeout
 
-    with pytest.raises(LockTimeout):
-        lock.item("held", timeout="50ms").acquire()
+    outcome: list = []  # type: ignore[type-arg]
+
+    def wait() -> None:  # in another thread: this one would wait for itself
+        try:
+            lock.item("held", timeout="50ms").acquire()
+        except Exception as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    waiter.join()
+    assert outcome, "the waiter was not made to wait"
+    if not isinstance(outcome[0], LockTimeout):
+        raise outcome[0]  # (a store refusing a planted file: the caller checks)
     holder.release()
 
 
