@@ -16,12 +16,13 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Callable, Iterator, Optional, Type, TypeVar
 
-from .adapters.base import Adapter, Lease, Request
-from .adapters.inflight import Acquisition, settle
+from .adapters.base import Adapter, Lease
+from .adapters.inflight import settle
 from .durations import Duration, format_duration, parse_duration
 from .errors import BrokerLockError, LockLost, LockTimeout
-from .hold import Hold, held_by_thread, mark_lost
+from .hold import Hold, mark_lost
 from .names import validate_name
+from .owning import Owning
 
 log = logging.getLogger("brokerlock")
 
@@ -94,7 +95,7 @@ class BrokerLock:
         return f"BrokerLock({self.adapter.url!r})"
 
 
-class BrokerLockItem:
+class BrokerLockItem(Owning):
     """One named lock with its lease (``ttl``) and wait bound (``timeout``).
 
     Made by :meth:`BrokerLock.item`; ``name``, ``ttl`` and ``timeout`` (in seconds, or
@@ -133,19 +134,6 @@ class BrokerLockItem:
         self._local = threading.local()
 
     # -- per-thread state ------------------------------------------------------
-    def _current(self) -> Optional[Hold]:
-        """The calling thread's hold, lost or not."""
-        hold: Optional[Hold] = getattr(self._local, "hold", None)
-        if hold is not None and hold.pid != os.getpid():
-            # Inherited through fork(): the child holds none of its parent's locks.
-            self._local.hold = hold = None
-        return hold
-
-    def _hold(self) -> Optional[Hold]:
-        """The calling thread's hold while it is not known to be lost."""
-        hold = self._current()
-        return None if hold is None or hold.lost else hold
-
     @property
     def acquired(self) -> bool:
         """Whether the calling thread holds this lock, as far as it knows."""
@@ -181,108 +169,6 @@ class BrokerLockItem:
         hold = self._current()
         return None if hold is None else hold.remaining()
 
-    # -- acquiring -------------------------------------------------------------
-    #
-    # The invariant (see adapters/inflight.py): at every bytecode the lease is either
-    # owned by the calling thread (``_local.hold``, which ``release()`` frees) or free in
-    # the store. ``_local.pending`` is recorded *before* the store is asked and cleared
-    # only once the lease is owned or given back, so an interrupt that lands even in
-    # the cleanup itself leaves a record that the thread's next call finishes.
-    # An ``acquire()`` that raises leaves nothing held: its caller never got the item.
-
-    def _begin(self, waits: bool) -> Acquisition:
-        self._finish_pending()
-        if self._hold() is not None:
-            raise BrokerLockError(
-                f"lock {self.name!r} is already acquired by this thread; call release() first"
-            )
-        if waits:
-            self._refuse_to_wait_for_ourselves()
-        acquisition = Acquisition(self._adapter, Request.make(self.name, os.urandom(16).hex(), self.ttl))
-        self._local.pending = acquisition
-        return acquisition
-
-    def _refuse_to_wait_for_ourselves(self) -> None:
-        """Raise if this thread holds the name in this store through another item.
-
-        Only a wait can wait for ourselves; one attempt (try_acquire, timeout 0) just
-        finds the lock taken, as it would by anyone else. A wait that outlasts our own
-        lease (not kept alive) ends in a takeover, which is no deadlock; nor is a hold
-        the store no longer has (a server that lost its data, a broken lease).
-        """
-        other = held_by_thread().get(self._key)
-        if other is None or other.pid != os.getpid() or other.finished:
-            return
-        left = other.remaining()
-        if left == 0.0 or not (
-            left is None or other.keepalive or self.timeout is None or left >= self.timeout
-        ):
-            return
-        current = self._adapter.get(self.name)
-        if current is None or current.token != other.lease.token:
-            return
-        how = "another item" if other.item is not None else "an item dropped without release()"
-        raise BrokerLockError(
-            f"lock {self.name!r} is already held by this thread through {how} "
-            f"(fence {other.lease.fence}) in {self._adapter.url}: waiting for it would "
-            "wait for ourselves"
-        )
-
-    def _took(self, acquisition: Acquisition, asked: float, keepalive: Optional[bool]) -> BrokerLockItem:
-        lease = acquisition.lease
-        assert lease is not None
-        hold = Hold(
-            self, lease, asked, self.keepalive if keepalive is None else keepalive,
-            acquisition.request.pid,
-        )
-        # Known to the thread's registry first: whatever is known there, _undo finds.
-        held_by_thread()[self._key] = hold
-        if hold.keepalive:
-            from .renewer import renewer  # loaded with the first kept-alive hold
-
-            renewer().add(hold)
-        if log.isEnabledFor(logging.DEBUG):  # (its arguments cost a fast cycle ~1 µs)
-            log.debug(
-                "acquired %r fence %d after %.6fs on %s",
-                self.name, lease.fence, time.monotonic() - asked, self._adapter.url,
-            )
-        # The hand-over: plain stores, no calls, so no interrupt lands between them; one
-        # that lands before makes the caller's handler give the lease back (_undo).
-        self._local.hold, self._local.last = hold, None
-        acquisition.owned()
-        self._local.pending = None
-        return self
-
-    def _undo(self, acquisition: Acquisition) -> None:
-        """Give back all an interrupted acquire got (the caller re-raises): forget a hold
-        it recorded, leave the queue, release a lease granted to it."""
-        token = acquisition.token
-        hold = self._current()
-        if hold is not None and hold.lease.token == token:
-            self._local.hold = None
-        held = held_by_thread()
-        mine = held.get(self._key)
-        if mine is not None and mine.lease.token == token:
-            mine.ended = True  # (the renewer drops it)
-            del held[self._key]
-        acquisition.disowned()  # the caller never got it: the cleanup gives it back
-        if acquisition.abandon() and getattr(self._local, "pending", None) is acquisition:
-            self._local.pending = None
-
-    def _forget_acquisition(self, acquisition: Acquisition) -> None:
-        acquisition.abandoned()
-        if getattr(self._local, "pending", None) is acquisition:
-            self._local.pending = None
-
-    def _finish_pending(self) -> None:
-        """Finish the cleanup of an acquire whose own cleanup was cut short."""
-        acquisition: Optional[Acquisition] = getattr(self._local, "pending", None)
-        if acquisition is not None:
-            if acquisition.request.pid != os.getpid():  # inherited through fork()
-                self._local.pending = None
-            else:
-                self._undo(acquisition)
-
     def acquire(self, *, keepalive: Optional[bool] = None) -> BrokerLockItem:
         """Block until the lock is held and return the item; :class:`LockTimeout` (naming
         the holder) once ``timeout`` passes, :class:`BrokerLockError` if this thread
@@ -298,7 +184,8 @@ class BrokerLockItem:
             lease = self._adapter.acquire(acquisition.request, self.timeout)
             if lease is not None:
                 acquisition.granted(lease)
-                return self._took(acquisition, asked, keepalive)
+                self._took(acquisition, asked, keepalive)
+                return self
         except BrokerLockError:
             # The store failed us: cleaning up would wait for it again (a busy SQLite
             # file, a server that is gone). What it may keep of ours lapses by itself:
@@ -331,7 +218,8 @@ class BrokerLockItem:
             lease = self._adapter.try_acquire(acquisition.request)
             if lease is not None:
                 acquisition.granted(lease)
-                return self._took(acquisition, asked, keepalive)
+                self._took(acquisition, asked, keepalive)
+                return self
         except BrokerLockError:
             # The store failed us: cleaning up would wait for it again (a busy SQLite
             # file, a server that is gone). What it may keep of ours lapses by itself:
@@ -353,16 +241,6 @@ class BrokerLockItem:
             f"lock {self.name!r} (fence {hold.lease.fence}) was lost before {when}: its lease "
             f"of {format_duration(self.ttl)} ran out, was taken over or was broken"
         )
-
-    def _forget(self, hold: Hold, last: bool = True) -> None:
-        """The thread no longer holds ``hold``: only once the store has let it go."""
-        if getattr(self._local, "hold", None) is hold:
-            self._local.hold = None
-        if last:
-            self._local.last = hold
-        held = held_by_thread()
-        if held.get(self._key) is hold:
-            del held[self._key]
 
     def release(self) -> None:
         """Free the lock. A no-op when the calling thread holds nothing.
