@@ -13,10 +13,10 @@ import sqlite3
 import stat
 import threading
 import time
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, Callable, List, NoReturn, Optional
 
 from ...errors import BrokerLockError
-from ..embedded.files import YIELDS, open_private, yield_cpu
+from ..embedded.files import YIELDS, io_error, is_shared_dir, open_private, yield_cpu
 from . import sql
 
 log = logging.getLogger("brokerlock")
@@ -44,6 +44,8 @@ def _prepare_database_file(path: str) -> None:
     holds on it, including those of another adapter's open connection (then SQLite
     reports "disk I/O error", or worse, two writers meet).
     """
+    if is_shared_dir(os.path.dirname(path)):
+        _precreate_journals(path)
     try:
         info = os.lstat(path)
     except FileNotFoundError:
@@ -54,13 +56,47 @@ def _prepare_database_file(path: str) -> None:
                 raise  # not the benign race of two adapters creating it at once
         return
     except OSError as exc:
-        raise BrokerLockError(f"cannot use database {path}: {exc.strerror}") from None
+        raise io_error("use database", path, exc) from None
     if stat.S_ISLNK(info.st_mode):
         raise BrokerLockError(
             f"refusing to open {path}: it is a symbolic link, which a lock database never is"
         )
     if not stat.S_ISREG(info.st_mode):
         raise BrokerLockError(f"cannot use database {path}: it is not a regular file")
+
+
+#: Descriptors of ``-shm`` files we made, kept open: SQLite holds POSIX locks on that
+#: file, which closing any descriptor of it in this process would drop.
+_made_shm: List[int] = []
+
+
+def _precreate_journals(path: str) -> None:
+    """In a group-shared directory, make the ``-wal`` and ``-shm`` files before SQLite
+    does. SQLite gives them the database's mode too, but only by a chmod after it
+    created them with the umask's: another user of the group opening them in between
+    would be refused (and fail as "readonly database"). Ours appear with their mode."""
+    for suffix in ("-wal", "-shm"):
+        if os.path.lexists(path + suffix):
+            continue
+        try:
+            fd = open_private(path + suffix, os.O_RDWR | os.O_EXCL)
+        except BrokerLockError:
+            continue  # made meanwhile by another process, or not ours to make: SQLite decides
+        if suffix == "-wal":
+            os.close(fd)
+            continue
+        for kept in list(_made_shm):
+            try:
+                gone = os.fstat(kept).st_nlink == 0
+            except OSError:
+                gone = True
+            if gone:  # (unlinked by SQLite after its last connection closed: no locks left)
+                _made_shm.remove(kept)
+                try:
+                    os.close(kept)
+                except OSError:
+                    pass
+        _made_shm.append(fd)
 
 
 class SQLiteConnections:
