@@ -112,16 +112,18 @@ class BrokerLock:
 
     def __init__(self, adapter: Optional[Adapter] = None) -> None:
         if adapter is None:
-            from .urls import adapter_from_url, default_url
+            from .urls import default_adapter
 
-            adapter = adapter_from_url(default_url())
+            adapter = default_adapter()
         if not isinstance(adapter, Adapter):
             raise TypeError(f"BrokerLock needs an adapter, not {type(adapter).__name__}: {adapter!r}")
         self.adapter = adapter
 
     @classmethod
     def from_url(cls, url: str) -> BrokerLock:
-        """``sqlite:///rel.db``, ``sqlite:////abs.db``, ``file:///dir``, ``memory://``..."""
+        """``sqlite:////abs.db`` (or ``sqlite:/abs.db``), ``file:///dir``, ``redis://``...;
+        relative paths (``sqlite:///rel.db``) and ``memory://`` too, which the command
+        line refuses (see docs/urls.rst)."""
         from .urls import adapter_from_url
 
         return cls(adapter_from_url(url))

@@ -151,45 +151,44 @@ def is_shared_dir(path: str) -> bool:
         return False
 
 
-def _owner(path: str) -> str:
-    """``owned by uid 33 (gid 33), mode 0600`` (of its directory, for a file that is
-    not there), for a message about a file we cannot use."""
-    subject = "owned by"
-    if not os.path.lexists(path):
-        path = os.path.dirname(path)
-        subject = f"its directory {path} is owned by"
-    try:
-        info = os.lstat(path)
-    except OSError as exc:
-        return f"{path}: {exc.strerror}"
-    return f"{subject} uid {info.st_uid} (gid {info.st_gid}), mode {stat.S_IMODE(info.st_mode):04o}"
-
-
 def io_error(what: str, path: str, exc: OSError) -> BrokerLockError:
     """One line for an ``OSError`` on ``path``: an I/O error reads as one, and a
-    permission problem names the file's owner and mode and what to do."""
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        directory = os.path.dirname(path)
-        if is_shared_dir(directory):
-            hint = f"every user of this shared store must be in the group of {directory}"
-            if os.path.lexists(path):
-                hint += (
-                    ", and its files group read/write (one made before the directory was "
-                    f"shared: chmod g+rw {path})"
-                )
-        else:
-            hint = (
-                "a store is private to the user who made it; to share one between users, "
-                "use a directory owned by a common group with the setgid bit "
-                "(chgrp GROUP DIR; chmod 2770 DIR; see docs/shared-stores.rst)"
-            )
-        return BrokerLockError(f"cannot {what} {path}: permission denied, {_owner(path)}: {hint}")
+    permission problem names the file (or, if it is missing, its directory), its owner
+    and mode, and what to do."""
     if exc.errno == errno.EROFS:
         return BrokerLockError(
             f"cannot {what} {path}: the file system is read-only (I/O error); "
             "put the store on a writable file system"
         )
-    return BrokerLockError(f"cannot {what} {path}: I/O error: {exc.strerror or exc}")
+    if exc.errno not in (errno.EACCES, errno.EPERM):
+        return BrokerLockError(f"cannot {what} {path}: I/O error: {exc.strerror or exc}")
+    target, subject = path, "owned by"
+    if not os.path.lexists(path):
+        target = os.path.dirname(path)
+        subject = f"its directory {target} is owned by"
+    try:
+        info = os.lstat(target)
+    except OSError as why:
+        return BrokerLockError(f"cannot {what} {path}: permission denied ({target}: {why.strerror})")
+    mode = stat.S_IMODE(info.st_mode)
+    whose = f"{subject} uid {info.st_uid} (gid {info.st_gid}), mode {mode:04o}"
+    directory = target if stat.S_ISDIR(info.st_mode) else os.path.dirname(target)
+    if hasattr(os, "geteuid") and info.st_uid == os.geteuid():
+        hint = f"it is ours but not writable: chmod u+rw{'x' if target == directory else ''} {target}"
+    elif is_shared_dir(directory):
+        hint = f"every user of this shared store must be in the group of {directory}"
+        if target == path:
+            hint += (
+                ", and its files group read/write (one made before the directory was "
+                f"shared: chmod g+rw {path})"
+            )
+    else:
+        hint = (
+            "a store is private to the user who made it; to share one between users, "
+            "use a directory owned by a common group with the setgid bit "
+            "(chgrp GROUP DIR; chmod 2770 DIR; see docs/shared-stores.rst)"
+        )
+    return BrokerLockError(f"cannot {what} {path}: permission denied, {whose}: {hint}")
 
 
 def _temporary(path: str) -> str:

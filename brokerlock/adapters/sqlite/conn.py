@@ -6,11 +6,13 @@ reported in the store's words.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 import sqlite3
 import stat
+import sys
 import threading
 import time
 from typing import Any, Callable, List, NoReturn, Optional
@@ -97,6 +99,23 @@ def _precreate_journals(path: str) -> None:
                 except OSError:
                     pass
         _made_shm.append(fd)
+
+
+def _diagnose(path: str) -> Optional[BrokerLockError]:
+    """Why SQLite could not write the database at ``path``, if we can tell: a read-only
+    file system, or a file or directory we may not write."""
+    directory = os.path.dirname(path)
+    if sys.platform != "win32":
+        try:
+            if os.statvfs(directory).f_flag & os.ST_RDONLY:
+                return io_error("write", path, OSError(errno.EROFS, "Read-only file system"))
+        except OSError:
+            pass
+    effective = os.access in os.supports_effective_ids
+    for target in (path, path + "-wal", path + "-shm", directory):
+        if os.path.exists(target) and not os.access(target, os.W_OK, effective_ids=effective):
+            return io_error("write", target, OSError(errno.EACCES, "Permission denied"))
+    return None
 
 
 class SQLiteConnections:
@@ -231,6 +250,12 @@ class SQLiteConnections:
         message = str(exc)
         if "not a database" in message or "malformed" in message:
             message = f"{message} (is {self.path} an SQLite database brokerlock may use?)"
+        elif "readonly" in message or "unable to open" in message or "I/O error" in message:
+            # SQLite's words for a file it may not write read like a state of the
+            # database; say which file or directory, and why.
+            cause = _diagnose(self.path)
+            if cause is not None:
+                message = str(cause)
         raise BrokerLockError(f"{self.url}: could not {action}: {message}") from None
 
     def _drop_connection(self) -> None:
