@@ -188,3 +188,37 @@ def test_a_read_only_file_system_reads_as_an_io_error(store: str, read_only_fs: 
     subprocess.run(["mount", "-o", "remount,ro", str(read_only_fs)], check=True)
     line = one_line(cli("run", "--url", url, "job", "--", "true", env=_env(), cwd="/"))
     assert "read-only" in line and "I/O error" in line and "refusing" not in line, line
+
+
+# -- the PostgreSQL driver -------------------------------------------------------------------
+
+#: What psycopg 3 raises where libpq is missing (its own text, attempts and all).
+NO_LIBPQ = (
+    "no pq wrapper available.\n"
+    "Attempts made:\n"
+    "- couldn't import psycopg 'c' implementation: No module named 'psycopg_c'\n"
+    "- couldn't import psycopg 'binary' implementation: No module named 'psycopg_binary'\n"
+    "- couldn't import psycopg 'python' implementation: libpq library not found"
+)
+
+
+@pytest.mark.parametrize("missing", ["libpq", "psycopg"])
+def test_a_missing_driver_or_libpq_is_named(missing: str, tmp_path: Path) -> None:
+    """A stub ``psycopg`` first on the path fails as the real one does without libpq,
+    or as a missing package does."""
+    stub = tmp_path / "stub" / "psycopg"
+    stub.mkdir(parents=True)
+    if missing == "libpq":
+        (stub / "__init__.py").write_text(f"raise ImportError({NO_LIBPQ!r})\n")
+    else:
+        (stub / "__init__.py").write_text(
+            "raise ModuleNotFoundError(\"No module named 'psycopg'\", name='psycopg')\n"
+        )
+    env = _env(PYTHONPATH=str(tmp_path / "stub"))
+    done = cli("status", "--url", "postgresql://127.0.0.1:9/x", "job", env=env, cwd=str(tmp_path))
+    line = one_line(done)
+    if missing == "libpq":
+        assert "libpq" in line and "client library" in line and "libpq library not found" in line, line
+        assert "pip install 'brokerlock[postgres]'" not in line, line
+    else:
+        assert "needs the psycopg package" in line and "brokerlock[postgres]" in line, line
