@@ -235,3 +235,27 @@ def test_a_user_outside_the_group_is_told_to_join_it(sandbox: Sandbox) -> None:
     line = process.stderr.strip()
     assert "\n" not in line and "permission denied" in line, line
     assert f"in the group of {sandbox.shared}" in line, line
+
+
+@pytest.mark.parametrize("store", ["sqlite", "file"])
+def test_both_users_starting_at_once_on_a_new_store(sandbox: Sandbox, store: str) -> None:
+    """Several jobs of each user start together on a store that does not exist yet:
+    none fails on the other's files, and no two are ever inside at once (each job
+    makes a directory that must not exist, as its proof of being alone)."""
+    arena = sandbox.base / "arena"
+    arena.mkdir()
+    os.chmod(arena, 0o777)  # (the jobs' own scratch space, not the store)
+    inside, count = arena / "inside", arena / "count"
+    count.touch()
+    os.chmod(count, 0o666)
+    job = f"mkdir {inside} || exit 99; echo x >> {count} || exit 98; rmdir {inside}"
+    url = _url(sandbox, store)
+    runs = [
+        sandbox.start(uid, "run", "--url", url, "--timeout", "60s", "job", "--", "sh", "-c", job)
+        for _ in range(3)
+        for uid in USERS
+    ]
+    results = [(run.wait(timeout=120), run.communicate()[1]) for run in runs]
+    assert all(code == 0 for code, _err in results), results
+    assert count.read_text() == "x\n" * len(runs)
+    assert _check_modes(sandbox) == []
