@@ -219,6 +219,6 @@ def test_a_missing_driver_or_libpq_is_named(missing: str, tmp_path: Path) -> Non
     line = one_line(done)
     if missing == "libpq":
         assert "libpq" in line and "client library" in line and "libpq library not found" in line, line
-        assert "pip install 'brokerlock[postgres]'" not in line, line
+        assert "pip install brokerlock[postgres]" not in line, line
     else:
         assert "needs the psycopg package" in line and "brokerlock[postgres]" in line, line

@@ -83,7 +83,7 @@ def _driver() -> Any:
     except ImportError as exc:
         if isinstance(exc, ModuleNotFoundError) and exc.name == "psycopg":
             raise BrokerLockError(
-                "PostgresAdapter needs the psycopg package: pip install 'brokerlock[postgres]'"
+                "PostgresAdapter needs the psycopg package: pip install brokerlock[postgres]"
             ) from None
         # psycopg is there but cannot load libpq, PostgreSQL's client library; its
         # message (a list of attempts) is the cause, in one line.
