@@ -62,16 +62,19 @@ class Lease(NamedTuple):
 
     def describe(self) -> str:
         """Who holds it, for error messages and ``brokerlock status``."""
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.acquired_at))
-        until = (
-            "no expiry"
-            if self.expires_at is None
-            else "until " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.expires_at))
-        )
+        since = local_time(self.acquired_at)
+        until = "no expiry" if self.expires_at is None else "until " + local_time(self.expires_at)
         return (
             f"held by pid {self.pid} on {self.host} (thread {self.thread}) "
             f"since {since}, {until}, fence {self.fence}"
         )
+
+
+def local_time(epoch: float) -> str:
+    """``2026-12-07 03:00:00+01:00``: local time with its UTC offset, so that readers in
+    other zones (a log shipped elsewhere, a server's UTC) read the right hour."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S%z", time.localtime(epoch))
+    return stamp[:-2] + ":" + stamp[-2:]  # ISO 8601's +01:00 rather than C's +0100
 
 
 def clock_fence() -> int:
