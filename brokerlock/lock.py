@@ -27,6 +27,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 OnLost = Callable[["BrokerLockItem"], None]
 
 
+def _nothing() -> None:
+    pass
+
+
 class Hold:
     """One thread's hold of one item: its lease and what the holder knows of it.
 
@@ -47,6 +51,7 @@ class Hold:
         self.ended = False
         self.failures = 0
         self.mutex = threading.Lock()
+        self.unwatch: Callable[[], None] = _nothing  # stops the store's watch of the lease
 
     @property
     def finished(self) -> bool:
@@ -251,6 +256,9 @@ class BrokerLockItem:
     def _took(self, lease: Lease, asked: float, keepalive: Optional[bool]) -> BrokerLockItem:
         hold = Hold(self, lease, asked, self.keepalive if keepalive is None else keepalive)
         self._local.hold, self._local.last = hold, None
+        # A loss the store tells of at once (a server's presence connection killed)
+        # stops the keepalive and reaches on_lost now, not at the next renewal.
+        hold.unwatch = self._adapter.watch(self.name, lease.token, functools.partial(self._gone, hold))
         if hold.keepalive:
             from .renewer import renewer  # loaded with the first kept-alive hold
 
@@ -302,6 +310,10 @@ class BrokerLockItem:
             except Exception:
                 log.exception("on_lost callback of lock %r raised", self.name)
 
+    def _gone(self, hold: Hold, why: str) -> None:
+        if not hold.ended:  # a hold released meanwhile lost nothing
+            self._mark_lost(hold, why)
+
     def _lost_error(self, hold: Hold, when: str) -> LockLost:
         return LockLost(f"lock {self.name!r} (fence {hold.lease.fence}) was lost before {when}: {hold.why}")
 
@@ -319,6 +331,7 @@ class BrokerLockItem:
         with hold.mutex:
             hold.ended = True
             known_lost = hold.lost
+        hold.unwatch()
         self._local.hold, self._local.last = None, hold
         intact = self._adapter.release(self.name, hold.lease.token)
         if known_lost or not intact:
@@ -347,6 +360,7 @@ class BrokerLockItem:
         if lease is None:
             self._local.hold, self._local.last = None, hold
             hold.ended = True
+            hold.unwatch()
             self._mark_lost(hold, hold.why_gone())
             raise self._lost_error(hold, "extend")
         log.debug("extended %r fence %d by %s", self.name, lease.fence, format_duration(seconds))

@@ -14,7 +14,7 @@ import random
 import sys
 import threading
 import time
-from typing import List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 
 def _hostname() -> str:
@@ -156,6 +156,17 @@ class Adapter(abc.ABC):
             bound = until_expiry if bound is None else min(bound, until_expiry)
         return bound
 
+    def watch(self, name: str, token: str, on_gone: Callable[[str], None]) -> Callable[[], None]:
+        """Ask to hear at once when the lease ``token`` of ``name`` ends without its
+        holder's doing, where the store can tell; returns the function that stops it.
+
+        ``on_gone(why)`` is called at most once, from any thread, with no lock of the
+        adapter held. Server stores call it when this process's presence connection
+        ends (which frees its leases at once); the default hears of nothing, and the
+        holder learns of a loss at its next renewal or release.
+        """
+        return _nothing
+
     def waiter(self, name: str) -> Waiter:
         """Something to block on until ``name`` may have changed; polling by default."""
         return BackoffWaiter()
@@ -166,6 +177,10 @@ class Adapter(abc.ABC):
 
     def close(self) -> None:  # noqa: B027  (optional: most adapters have nothing to free)
         """Release the adapter's resources; held leases stay in the store."""
+
+
+def _nothing() -> None:
+    pass
 
 
 class Waiter:
