@@ -83,8 +83,9 @@ class Job:
                 cmd, close_fds=True, start_new_session=True, preexec_fn=_pdeathsig_setter()
             )
         except BaseException:
-            if guard is not None:
-                _tell(guard, b"done\n")
+            if guard is not None:  # end of file before a group: it exits, killing nothing
+                _tell(guard, b"")
+                guard.wait()
             raise
         if guard is not None:
             _tell(guard, f"{proc.pid}\n".encode(), close=False)
