@@ -100,6 +100,18 @@ def test_a_forced_release_stops_the_whole_process_group(env: Env, jobs: Jobs, tm
     assert not marker.exists()
 
 
+def test_the_sigkill_after_kill_after_reaches_the_whole_group(env: Env, jobs: Jobs) -> None:
+    # Both ignore SIGTERM (the background sleep inherits the ignored signal).
+    job = jobs.start(env, "run", "--ttl", "1s", "--kill-after", "0.5s", "job", "--", "sh", "-c",
+                     "trap '' TERM; sleep 60 & echo started $$ $!; wait")
+    pids = [int(pid) for pid in expect(job.stdout, "started").split()[1:]]
+    jobs.orphans.append(pids[0])
+    assert cli(env, "release", "--force", "job").returncode == 0
+    code, _, err = finish(job)
+    assert code == 125, err
+    wait_until_gone(pids, timeout=1)  # run waited for the group before it exited
+
+
 def test_a_killed_runner_takes_its_job_with_it(env: Env, jobs: Jobs) -> None:
     # A background grandchild too: the parent-death signal reaches only the shell.
     job = jobs.start(env, "run", "--ttl", "10m", "job", "--", "sh", "-c",

@@ -30,6 +30,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from typing import Callable, List, Optional
 
 # The guard: $1 is nothing; it reads the job's process group id, then waits for "done"
@@ -43,8 +44,8 @@ _GUARD = (
 
 def _pdeathsig_setter() -> Optional[Callable[[], None]]:
     """A ``preexec_fn`` that makes the child die with its parent (Linux), or ``None``."""
-    if not sys.platform.startswith("linux"):
-        return None
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None  # another thread may end long before the runner: the guard alone
     try:
         import ctypes
 
