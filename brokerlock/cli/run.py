@@ -5,8 +5,9 @@ where the state lives. It sleeps in ``select()`` on the signal wake-up pipe, wit
 SIGCHLD handler installed so that the child's exit wakes it at once (``Popen.wait``
 with a timeout would poll every 50 ms). The library's renewer thread extends the lease
 while the job lives (unless ``--no-keepalive``); its ``on_lost`` callback only sets a
-flag and writes to the same pipe. Windows has neither SIGCHLD nor the pipe: there ``Popen.wait`` blocks on
-the process handle, in slices of 0.1 s when a loss must be noticed.
+flag and writes to the same pipe. Windows has neither SIGCHLD nor the pipe: there
+``Popen.wait`` blocks on the process handle, in slices of 0.1 s when a loss must be
+noticed. The job itself, its process group and its fate when the runner dies: ``job``.
 """
 
 from __future__ import annotations
