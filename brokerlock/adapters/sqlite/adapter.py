@@ -351,6 +351,15 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
             row = self._run(  # retried or reported there
                 f"{action} {name!r}", lambda conn: conn.execute(sql.RELEASE, params).fetchone()
             )
+        if row is not None and not self._same_file():
+            # The release ran in a file that is no longer the store (deleted or replaced
+            # under us): the lease it cleared was nobody's to rely on, and a newcomer may
+            # hold the lock in the new file. The caller hears LockLost (the careful way
+            # finds no lease of its own there); a waiter it granted in the ghost file is
+            # woken without news, to look in the new file.
+            if row[1] is not None and row[5]:
+                self._bells.ring(row[5])
+            return None
         if row is None or row[1] is None:
             return row  # type: ignore[no-any-return]  # (None: the careful way)
         expires_at, waiter, fence, acquired_at, witness, bell = row

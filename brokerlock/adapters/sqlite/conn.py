@@ -76,9 +76,8 @@ class SQLiteConnections:
         was deleted or replaced: a connection keeps the old inode open, and locks taken
         in a ghost file would exclude nobody.
 
-        Without ``check_file`` the file is not looked at (a stat() is a tenth of a
-        release): a release only clears the caller's own lease, and a file replaced
-        under it holds no lease of the caller's to clear.
+        Without ``check_file`` the file is not looked at: a release looks after its
+        statement instead (``_same_file``), which also catches a swap during it.
         """
         conn: Optional[sqlite3.Connection] = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == os.getpid():
@@ -107,6 +106,15 @@ class SQLiteConnections:
         self._local.conn, self._local.pid = conn, os.getpid()
         self._local.dev, self._local.ino = info.st_dev, info.st_ino
         return conn
+
+    def _same_file(self) -> bool:
+        """Whether this thread's connection is to the file now at the store's path;
+        looked at *after* a statement, it proves the statement changed the live store."""
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return False
+        return info.st_ino == self._local.ino and info.st_dev == self._local.dev
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         """WAL and the schema, idempotent and safe when many processes start at once.
