@@ -108,3 +108,65 @@ def test_extend_after_the_database_was_swapped_raises_lock_lost(fault: str, tmp_
     with pytest.raises(LockLost):
         holder.extend()
     newcomer.release()
+
+
+_THREADS_SCRIPT = r"""
+import gc, json, os, sys, threading, time
+from brokerlock import BrokerLock, SQLiteAdapter
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+path, total, at_once = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+item = BrokerLock(SQLiteAdapter(path)).item("job", ttl="30s", timeout="60s")
+with item.hold():
+    pass
+gc.collect()
+baseline = open_fds()
+errors = []
+
+def work():
+    try:
+        with item.hold():  # one name: the threads also queue, with bells and inotify
+            pass
+    except BaseException as exc:
+        errors.append(repr(exc))
+
+for _ in range(total // at_once):
+    threads = [threading.Thread(target=work) for _ in range(at_once)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+# A thread's own descriptors (its bell, its inotify) close as its state is dropped,
+# which may come a moment after join(): look until they are gone, for a while.
+give_up = time.monotonic() + 10
+while True:
+    gc.collect()
+    after = open_fds()
+    if after <= baseline + int(sys.argv[4]) or time.monotonic() > give_up:
+        break
+    time.sleep(0.05)
+print(json.dumps({"baseline": baseline, "after": after, "errors": errors[:3]}))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_descriptors_return_to_baseline_after_thousands_of_short_lived_threads(
+    tmp_path: Path,
+) -> None:
+    import json
+    import subprocess
+
+    from brokerlock.adapters.sqlite.pool import POOL_SIZE
+
+    # Each pooled connection holds the database and its WAL open; a few more for slack.
+    allowed = 2 * POOL_SIZE + 4
+    out = subprocess.run(
+        [sys.executable, "-c", _THREADS_SCRIPT, str(tmp_path / "locks.sqlite3"), "4000", "40",
+         str(allowed)],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout
+    result = json.loads(out)
+    assert result["errors"] == []
+    assert result["after"] <= result["baseline"] + allowed, result

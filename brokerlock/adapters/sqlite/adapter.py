@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -25,6 +24,7 @@ from ..embedded.files import ensure_private_dir
 from ..embedded.store import EmbeddedStore, grant_news
 from . import sql
 from .conn import SQLiteConnections, _OutOfTime, _prepare_database_file
+from .pool import Pool
 
 #: How long a waiter's place in the queue lasts unless renewed, which the waiter does
 #: while it waits; bounds the stall a waiter that vanished without a trace can cause.
@@ -45,7 +45,7 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
         directory = ensure_private_dir(directory)
         self.path = os.path.join(os.path.realpath(directory), base)
         self.url = "sqlite:///" + self.path
-        self._local = threading.local()
+        self._pool = Pool()
         _prepare_database_file(self.path)
         super().__init__(self.path + "-witness", self.path + "-bells", clock)
         self._run("open the database", lambda conn: None)
@@ -101,7 +101,7 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
     def _take_if_free(self, request: Request, params: Dict[str, Any]) -> Optional[Lease]:
         """The common case, a free lock, in one statement without the retry machinery;
         a busy or failing store raises, for the caller's careful path to retry or report."""
-        row = self._conn().execute(sql.ACQUIRE_NEW, params).fetchone()
+        row = self._execute(sql.ACQUIRE_NEW, params)
         return None if row is None else self._new_lease(request, params, int(row[0]))
 
     def _try_acquire(self, request: Request, deadline: Optional[float]) -> Optional[Lease]:
@@ -346,12 +346,13 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
     def _release(self, name: str, params: Dict[str, Any], action: str) -> Optional[Tuple[Any, ...]]:
         """The common release in one statement (sql.RELEASE): the row, if it matched."""
         try:  # without the retry machinery
-            row = self._conn(check_file=False).execute(sql.RELEASE, params).fetchone()
+            row, same_file = self._execute_then_look(sql.RELEASE, params)
         except (sqlite3.Error, OSError):  # busy (the statement did nothing) or a fault:
             row = self._run(  # retried or reported there
                 f"{action} {name!r}", lambda conn: conn.execute(sql.RELEASE, params).fetchone()
             )
-        if row is not None and not self._same_file():
+            same_file = True  # (_run looked at the file before the statement)
+        if row is not None and not same_file:
             # The release ran in a file that is no longer the store (deleted or replaced
             # under us): the lease it cleared was nobody's to rely on, and a newcomer may
             # hold the lock in the new file. The caller hears LockLost (the careful way
