@@ -33,7 +33,7 @@ QUEUE_ENTRY_LIFE = 6.0
 
 class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
     def __init__(
-        self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
+        self, path: str | os.PathLike[str], *, clock: Optional[Callable[[], float]] = None
     ) -> None:
         path = os.fspath(path)
         if not isinstance(path, str) or not path or path == ":memory:" or path.startswith("file:"):
@@ -49,6 +49,10 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
         _prepare_database_file(self.path)
         super().__init__(self.path + "-witness", self.path + "-bells", clock)
         self._run("open the database", lambda conn: None)
+
+    def _read_pin(self) -> float:
+        # (Every new connection reads it too: see sqlite.conn.)
+        return float(self._run("read the store's clock", self._pin))
 
     def _params(self, request: Request) -> dict[str, Any]:
         now = self._clock()

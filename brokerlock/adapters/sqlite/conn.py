@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable, Dict, NoReturn, Optional, Tuple
 
 from ...errors import BrokerLockError
+from ..embedded.clock import BOOT_ID, new_pin
 from ..embedded.files import YIELDS, open_private, yield_cpu
 from . import sql
 from .pool import Pool, Slot
@@ -70,6 +71,8 @@ class SQLiteConnections:
     path: str
     url: str
     _pool: Pool
+    _pinned: bool
+    _offset: Optional[float]
 
     def _borrow(self) -> Tuple[Pool, Slot]:
         """A slot of this process's pool; give it back with ``_give_back``."""
@@ -190,12 +193,39 @@ class SQLiteConnections:
                     except BaseException:
                         conn.execute("ROLLBACK")
                         raise
+                if self._pinned:
+                    self._offset = self._pin(conn)
                 return
             except sqlite3.OperationalError as exc:
                 if not _busy(exc) or time.monotonic() > give_up:
                     raise
                 time.sleep(delay)
                 delay = min(delay * 2, 0.1)
+
+    def _pin(self, conn: sqlite3.Connection) -> float:
+        """The store's offset from the boot clock for this boot, pinned if no process of
+        this boot has yet (see ``embedded.clock``); read with each new connection, so a
+        store made anew (deleted, replaced) is read anew."""
+        row = conn.execute(sql.READ_PIN).fetchone()
+        if row is None or row[0] != BOOT_ID:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if _busy(exc):
+                    raise
+                # A store we may only read (brokerlock status as another user): our
+                # own pin, the wall clock of now, is as good as any for looking.
+                return new_pin()[1]
+            try:
+                row = conn.execute(sql.READ_PIN).fetchone()
+                if row is None or row[0] != BOOT_ID:
+                    row = new_pin()
+                    conn.execute(sql.WRITE_PIN, row)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return float(row[1])
 
     def _run(
         self, action: str, fn: Callable[[sqlite3.Connection], Any], deadline: Optional[float] = None
