@@ -20,24 +20,25 @@ before: a step of it moves every lease by its size.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable, Optional, Tuple
 
 #: Seconds on the host's boot clock: shared by all its processes, never stepped.
-boot_clock: Callable[[], float]
-if hasattr(time, "CLOCK_BOOTTIME"):
+boot_clock: Callable[[], float] = time.monotonic
+#: Whether ``boot_clock`` is Linux's CLOCK_BOOTTIME, the one a boot identity goes with.
+_HAVE_BOOTTIME = False
+if sys.platform.startswith("linux") and hasattr(time, "CLOCK_BOOTTIME"):
     _BOOTTIME = time.CLOCK_BOOTTIME
+    _HAVE_BOOTTIME = True
 
     def boot_clock() -> float:
         return time.clock_gettime(_BOOTTIME)
 
-else:
-    boot_clock = time.monotonic
-
 
 def _read_boot_id() -> str:
     """The identity of this boot of the host (Linux), ``""`` where it is unknown."""
-    if not hasattr(time, "CLOCK_BOOTTIME"):
+    if not _HAVE_BOOTTIME:
         return ""
     try:
         with open("/proc/sys/kernel/random/boot_id", "rb") as f:
