@@ -36,7 +36,9 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
 
     ``path`` names the database, created (with its directory, ``0700``) if missing;
     beside it live ``<path>-witness`` and the ``<path>-bells`` directory. Keep it on a
-    local disk, not NFS. ``clock`` (seconds since the epoch) exists for tests.
+    local disk, not NFS. Leases are counted on the host's boot clock, so wall-clock steps
+    move none (see the clocks page); ``clock`` (seconds since the epoch) replaces that
+    clock, for tests.
     ``ValueError`` for ``":memory:"`` or a ``file:`` URI, :class:`~brokerlock.BrokerLockError`
     when the database cannot be opened or is not one.
     """
