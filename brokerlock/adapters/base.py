@@ -47,8 +47,9 @@ class Lease(NamedTuple):
     """One holder's record of one lock, as the store sees it.
 
     ``expires_at`` and ``acquired_at`` are seconds since the epoch by the store's
-    clock (the server's for Redis and PostgreSQL); ``expires_at`` is ``None`` when the
-    lease has no ttl.
+    clock (the server's for Redis and PostgreSQL, the host's boot clock pinned to the
+    wall clock for SQLite and lock files: see ``Adapter.on_wall_clock``); ``expires_at``
+    is ``None`` when the lease has no ttl.
     """
 
     name: str
@@ -174,6 +175,11 @@ class Adapter(abc.ABC):
     def now(self) -> float:
         """The store's clock, in seconds since the epoch."""
         return time.time()
+
+    def on_wall_clock(self, lease: Lease) -> Lease:
+        """``lease`` with its times on this host's wall clock, for display (the same
+        lease where the store's clock is the wall clock, or a server's)."""
+        return lease
 
     def close(self) -> None:  # noqa: B027  (optional: most adapters have nothing to free)
         """Release the adapter's resources; held leases stay in the store."""

@@ -268,6 +268,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     lock = _open(args.url)
     try:
         lease = lock.adapter.get(name)
+        lease = None if lease is None else lock.adapter.on_wall_clock(lease)
     finally:
         lock.close()
     if lease is None:
@@ -288,7 +289,7 @@ def _lease_record(lease: Lease) -> Dict[str, Any]:
 def _cmd_list(args: argparse.Namespace) -> int:
     lock = _open(args.url)
     try:
-        leases = sorted(lock.adapter.list(), key=lambda lease: lease.name)
+        leases = sorted(map(lock.adapter.on_wall_clock, lock.adapter.list()), key=lambda lease: lease.name)
     finally:
         lock.close()
     if args.json:
@@ -324,6 +325,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
     lock = _open(args.url)
     try:
         lease = lock.adapter.get(name)
+        lease = None if lease is None else lock.adapter.on_wall_clock(lease)
         broken = lock.adapter.force_release(name)
     finally:
         lock.close()
