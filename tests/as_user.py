@@ -11,20 +11,47 @@ import os
 import sys
 
 
+def _import_everything() -> None:
+    """Every module brokerlock imports anywhere (also inside functions, where it waits
+    until needed), and every module of brokerlock itself."""
+    import ast
+    import importlib
+    import pkgutil
+
+    import brokerlock
+
+    root = os.path.dirname(brokerlock.__file__)
+    wanted = {"encodings.idna", "sqlite3"}
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            with open(os.path.join(directory, name), encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    wanted.update(alias.name for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    wanted.add(node.module)
+    for module in sorted(wanted):
+        if module.split(".")[0] in sys.stdlib_module_names:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                pass  # (another platform's: msvcrt, winreg)
+    for info in pkgutil.walk_packages(brokerlock.__path__, "brokerlock."):
+        if info.name.endswith("__main__"):
+            continue  # (it would run the command line now)
+        try:
+            importlib.import_module(info.name)
+        except ImportError:
+            pass  # (a server driver that is not installed)
+
+
 def main() -> int:
     uid, gid, separator, *args = sys.argv[1:]
     assert separator == "--", sys.argv
-    for module in (
-        "ctypes", "ctypes.util", "datetime", "encodings.idna", "hashlib", "json", "secrets",
-        "select", "shlex", "shutil", "signal", "socket", "sqlite3", "subprocess", "uuid",
-    ):
-        __import__(module)
-
-    import brokerlock.adapters.embedded.bells
-    import brokerlock.adapters.embedded.wakeup
-    import brokerlock.adapters.file
-    import brokerlock.adapters.sqlite
-    import brokerlock.cli.run  # noqa: F401
+    _import_everything()
     from brokerlock.cli.main import main as cli
 
     os.setgroups([int(gid)])
