@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 from .adapters.base import Lease
 from .durations import format_duration
@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from .lock import BrokerLockItem
 
 log = logging.getLogger("brokerlock")
+
+
+def _nothing() -> None:
+    pass
 
 
 class Hold:
@@ -48,10 +52,12 @@ class Hold:
         self.expires = None if self.ttl is None else asked + self.ttl
         self.keepalive = keepalive and self.ttl is not None
         self.lost = False
+        self.why = ""  # why it was lost, once it is
         #: Set when a release (or a lost extend) begins: the renewer leaves it alone.
         self.ended = False
         self.failures = 0
         self.mutex = threading.Lock()
+        self.unwatch: Callable[[], None] = _nothing  # stops the store's watch of the lease
 
     @property
     def item(self) -> Optional[BrokerLockItem]:
@@ -77,6 +83,20 @@ class Hold:
         if self.expires is None:
             return None
         return max(0.0, self.expires - time.monotonic())
+
+    def why_gone(self) -> str:
+        """Why the store no longer has this lease, as far as the holder can tell.
+
+        ``expires`` is counted from before the store was asked, so it is never later
+        than the store's own expiry: while it lies ahead, the lease cannot have run out
+        (up to a wall clock step on a store that uses it), and so it was broken.
+        """
+        if self.expires is None or self.expires - time.monotonic() > 0.01:
+            return (
+                "it was broken before its lease ended (brokerlock release --force, or the "
+                "store lost this process's connection and took it for dead)"
+            )
+        return f"its lease of {format_duration(self.ttl)} ran out before it was renewed or released"
 
     def renew(self) -> Optional[float]:
         """Extend the lease once, for the renewer; the next due time, or ``None``."""
@@ -113,7 +133,7 @@ class Hold:
                     return time.monotonic() + min(MAX_RETRY_DELAY, self.ttl * RENEW_AT / 4, left / 2)
                 lease, why = None, f"could not renew before the lease ran out: {exc}"
             else:
-                why = "the store no longer has its lease (expired, taken over or broken)"
+                why = self.why_gone()
             if lease is not None:
                 self.lease, self.expires = lease, asked + self.ttl
                 if self.failures:
@@ -134,7 +154,7 @@ def mark_lost(hold: Hold, why: str) -> None:
     with hold.mutex:
         if hold.lost:
             return
-        hold.lost = True
+        hold.lost, hold.why = True, why
     log.warning("lost lock %r fence %d: %s", hold.name, hold.lease.fence, why)
     item = hold.item
     if item is not None and item.on_lost is not None:

@@ -42,20 +42,24 @@ class BrokerLock:
 
     def __init__(self, adapter: Optional[Adapter] = None) -> None:
         if adapter is None:
-            from .urls import adapter_from_url, default_url
+            from .urls import default_adapter
 
-            adapter = adapter_from_url(default_url())
+            adapter = default_adapter()
         if not isinstance(adapter, Adapter):
             raise TypeError(f"BrokerLock needs an adapter, not {type(adapter).__name__}: {adapter!r}")
         self.adapter = adapter
 
     @classmethod
     def from_url(cls, url: str) -> BrokerLock:
-        """The store a URL names: ``sqlite:///relative.db``, ``sqlite:////absolute.db``,
-        ``file:///absolute/dir``, ``memory://`` (a fresh private store),
+        """The store a URL names: ``sqlite:////absolute.db`` (or ``sqlite:/absolute.db``),
+        ``sqlite:///relative.db``, ``file:///absolute/dir``, ``memory://`` (a fresh
+        private store),
         ``redis://[user:password@]host:6379/0`` (``rediss://`` for TLS,
         ``?prefix=`` for the keys), ``postgresql://user:password@host/db``
         (``postgres://``; ``?table=`` for the table).
+
+        Relative paths and ``memory://`` are for programs: the command line refuses
+        them (see docs/urls.rst).
 
         ``ValueError`` naming the URL when it names no store, ``TypeError`` if it is
         not a ``str``, :class:`~brokerlock.BrokerLockError` when the store cannot be
@@ -236,11 +240,12 @@ class BrokerLockItem(Owning):
     def _mark_lost(self, hold: Hold, why: str) -> None:
         mark_lost(hold, why)
 
+    def _gone(self, hold: Hold, why: str) -> None:
+        if not hold.ended:  # a hold released meanwhile lost nothing
+            self._mark_lost(hold, why)
+
     def _lost_error(self, hold: Hold, when: str) -> LockLost:
-        return LockLost(
-            f"lock {self.name!r} (fence {hold.lease.fence}) was lost before {when}: its lease "
-            f"of {format_duration(self.ttl)} ran out, was taken over or was broken"
-        )
+        return LockLost(f"lock {self.name!r} (fence {hold.lease.fence}) was lost before {when}: {hold.why}")
 
     def release(self) -> None:
         """Free the lock. A no-op when the calling thread holds nothing.
@@ -280,7 +285,7 @@ class BrokerLockItem(Owning):
         # Only now: never forget a hold before the store let it go.
         self._forget(hold)
         if known_lost or not (intact or again):
-            self._mark_lost(hold, "its lease had ended before the release")
+            self._mark_lost(hold, hold.why_gone())
             raise self._lost_error(hold, "release")
         log.debug("released %r fence %d", self.name, hold.lease.fence)
 
@@ -305,7 +310,7 @@ class BrokerLockItem(Owning):
         if lease is None:
             hold.ended = True
             self._forget(hold)
-            self._mark_lost(hold, "its lease had ended before extend()")
+            self._mark_lost(hold, hold.why_gone())
             raise self._lost_error(hold, "extend")
         log.debug("extended %r fence %d by %s", self.name, lease.fence, format_duration(seconds))
 

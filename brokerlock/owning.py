@@ -19,6 +19,7 @@ came through (``hold.held_by_thread``): a wait for one of them would wait for it
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -116,6 +117,10 @@ class Owning:
         )
         # Known to the thread's registry first: whatever is known there, _undo finds.
         held_by_thread()[self._key] = hold
+        # A loss the store tells of at once (a server's presence connection killed)
+        # stops the keepalive and reaches on_lost now, not at the next renewal.
+        item = cast("BrokerLockItem", self)
+        hold.unwatch = self._adapter.watch(self.name, lease.token, functools.partial(item._gone, hold))
         if hold.keepalive:
             from .renewer import renewer  # loaded with the first kept-alive hold
 
@@ -142,6 +147,7 @@ class Owning:
         mine = held.get(self._key)
         if mine is not None and mine.lease.token == token:
             mine.ended = True  # (the renewer drops it)
+            mine.unwatch()
             del held[self._key]
         acquisition.disowned()  # the caller never got it: the cleanup gives it back
         if acquisition.abandon() and getattr(self._local, "pending", None) is acquisition:
@@ -163,6 +169,7 @@ class Owning:
 
     def _forget(self, hold: Hold, last: bool = True) -> None:
         """The thread no longer holds ``hold``: only once the store has let it go."""
+        hold.unwatch()
         if getattr(self._local, "hold", None) is hold:
             self._local.hold = None
         if last:
