@@ -12,9 +12,8 @@ import logging
 import os
 import threading
 import time
-from contextlib import contextmanager
 from types import TracebackType
-from typing import Any, Callable, Iterator, Optional, Type, TypeVar
+from typing import Any, Callable, Optional, Type, TypeVar
 
 from .adapters.base import Adapter, Lease
 from .adapters.inflight import settle
@@ -318,27 +317,14 @@ class BrokerLockItem(Owning):
         """Whether anyone (this thread included) holds the lock now, per the store."""
         return self._adapter.get(self.name) is not None
 
-    @contextmanager
-    def hold(self, keepalive: Optional[bool] = None) -> Iterator[BrokerLockItem]:
+    def hold(self, keepalive: Optional[bool] = None) -> Holding:
         """``with item.hold():`` acquire, run the block, release, exceptions included.
 
         ``keepalive`` overrides the item's setting for this hold. If the block raised,
         its exception propagates even when the lease was also lost (the loss is logged
         at WARNING); otherwise a lost lease raises :class:`LockLost` here.
         """
-        before = self._current()
-        try:
-            # Inside the try: an interrupt right after acquire() returned, before the
-            # block began, still releases (also when it lands in contextlib's
-            # __enter__: the generator is closed as it is dropped, here).
-            self.acquire(keepalive=keepalive)
-            yield self
-        except BaseException:
-            if self._current() is not before:  # ours, not a hold acquire() refused for
-                # Run to its end even if another interrupt lands in the release.
-                settle(self._release_quietly, self.name)
-            raise
-        self.release()
+        return Holding(self, keepalive)
 
     def _release_quietly(self) -> None:
         try:
@@ -360,6 +346,7 @@ class BrokerLockItem(Owning):
         if exc_type is None:
             self.release()
         else:
+            # Run to its end even if another interrupt lands in the release.
             settle(self._release_quietly, self.name)
 
     def __call__(self, fn: F) -> F:
@@ -377,3 +364,32 @@ class BrokerLockItem(Owning):
             f"BrokerLockItem({self.name!r}, ttl={self.ttl!r}, timeout={self.timeout!r}, "
             f"store={self._adapter.url!r})"
         )
+
+
+class Holding:
+    """What ``item.hold()`` returns: ``with`` acquires, runs the block, releases.
+
+    A class rather than a ``@contextmanager`` generator, for the ownership invariant:
+    between ``acquire()`` returning and the block starting, contextlib's ``__enter__``
+    returns from a call to ``next()``, where a pending interrupt is raised, leaving the
+    lock held by a suspended generator until the exception is dropped. Here
+    ``__enter__`` returns straight from ``acquire()``, so an interrupt lands in the
+    block and ``__exit__`` releases.
+    """
+
+    __slots__ = ("item", "keepalive")
+
+    def __init__(self, item: BrokerLockItem, keepalive: Optional[bool]) -> None:
+        self.item = item
+        self.keepalive = keepalive
+
+    def __enter__(self) -> BrokerLockItem:
+        return self.item.acquire(keepalive=self.keepalive)
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.item.__exit__(exc_type, exc, tb)
