@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional
 
 import pytest
 
-from brokerlock._platform import HAVE_FCNTL, PORTABLE
+from brokerlock._platform import HAVE_FCNTL, HAVE_FILE_LOCKS, PORTABLE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -210,7 +210,7 @@ _PROBE = """
     from brokerlock.adapters.embedded import witness as _witness
     directory = sys.argv[1]
     adapters = [SQLiteAdapter(os.path.join(directory, "locks.sqlite3"))]
-    if _platform.HAVE_FCNTL:
+    if _platform.HAVE_FILE_LOCKS:
         adapters.append(FileAdapter(os.path.join(directory, "files")))
     for adapter in adapters:
         adapter._witness.mine()  # the file a waiter watches besides its bell
@@ -264,11 +264,11 @@ _DEAD_HOLDER = """
 @pytest.mark.parametrize("store", ["sqlite", "file"])
 @pytest.mark.parametrize("portable", [True, False])
 def test_dead_holder_is_freed_by_witness_or_by_lease(store: str, portable: bool, tmp_path: Path) -> None:
-    """With the witness (Linux, macOS) a dead holder's lock is free at once; without it
+    """With the witness (Linux, macOS, Windows) a dead holder's lock is free at once; without it
     (Windows, PORTABLE) it is free when its lease runs out, never before."""
-    if store == "file" and not HAVE_FCNTL:
-        pytest.skip("no flock() on this platform")
-    if not portable and not HAVE_FCNTL:
+    if store == "file" and not HAVE_FILE_LOCKS:
+        pytest.skip("no flock() or LockFileEx() on this platform")
+    if not portable and not HAVE_FILE_LOCKS:
         pytest.skip("no witness on this platform")
     url = f"sqlite:///{tmp_path}/locks.sqlite3" if store == "sqlite" else f"file://{tmp_path}/locks"
     code = "import sys; sys.argv[1:] = [" + repr(url) + "]\n" + textwrap.dedent(_DEAD_HOLDER)

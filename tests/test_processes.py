@@ -83,6 +83,7 @@ def test_no_wake_up_is_lost_while_processes_take_turns(url: str) -> None:
                 proc.wait()
 
 
+@needs_witness
 def test_killed_holder_frees_lock_at_once(
     url: str, holder: subprocess.Popen[bytes], tmp_path: Path
 ) -> None:

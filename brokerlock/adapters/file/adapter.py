@@ -20,7 +20,7 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..._platform import HAVE_FCNTL
+from ..._platform import HAVE_FILE_LOCKS
 from ...errors import BrokerLockError
 from ..base import Lease, Request
 from ..embedded.files import (
@@ -65,7 +65,7 @@ class FileAdapter(EmbeddedStore):
     def __init__(
         self, directory: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
     ) -> None:
-        if not HAVE_FCNTL:
+        if not HAVE_FILE_LOCKS:
             raise BrokerLockError(NO_FLOCK)
         directory = os.fspath(directory)
         if not isinstance(directory, str) or not directory:
