@@ -17,9 +17,11 @@ cd "$(dirname "$0")/.."
 root=$PWD
 cache=${BROKERLOCK_WINDOWS_CACHE:-$root/.cache/windows}
 pyver=3.13
-# The wheels the suite imports on Windows (psycopg is left out: no PostgreSQL server
-# runs as a Windows process here, and the server tests skip with BROKERLOCK_SKIP_SERVERS).
-wheels=(pytest pytest-timeout "hypothesis>=6" humanfriendly pyreadline3 colorama "redis>=4.2" docutils)
+# The wheels the suite imports on Windows. No Redis or PostgreSQL server runs as a
+# Windows process here: the server tests skip (BROKERLOCK_SKIP_SERVERS), the drivers'
+# own tests (errors, URLs) run.
+wheels=(pytest pytest-timeout "hypothesis>=6" humanfriendly pyreadline3 colorama "redis>=4.2"
+    "psycopg[binary]>=3.2" docutils)
 
 wine=$(command -v wine64 || true)
 [ -n "$wine" ] || wine=/usr/lib/wine/wine64  # Debian does not put it on PATH

@@ -32,5 +32,19 @@ else:
 #: Kernel file locks (flock on POSIX, LockFileEx on Windows): the lock-file store and
 #: the liveness witness are built on them.
 HAVE_FILE_LOCKS = HAVE_FCNTL or HAVE_LOCKFILEEX
-HAVE_INOTIFY = sys.platform.startswith("linux") and not PORTABLE
+_FORCED = os.environ.get("BROKERLOCK_WAKEUP", "").strip().lower()
+if _FORCED not in ("", "fifo"):
+    raise ValueError(f"BROKERLOCK_WAKEUP must be 'fifo' or unset, not {_FORCED!r}")
+#: How a waiter of an embedded store is woken when its turn comes: "inotify" (Linux),
+#: "fifo" (other POSIX systems, or forced by ``BROKERLOCK_WAKEUP=fifo`` to test it on
+#: Linux), "event" (Windows named events), or None: it polls (``BROKERLOCK_PORTABLE``).
+WAKEUP = None
+if not PORTABLE:
+    if sys.platform == "win32":
+        WAKEUP = "event" if HAVE_LOCKFILEEX else None  # (both need a real Windows)
+    elif _FORCED == "fifo" or not sys.platform.startswith("linux"):
+        WAKEUP = "fifo" if hasattr(os, "mkfifo") else None
+    else:
+        WAKEUP = "inotify"
+HAVE_INOTIFY = WAKEUP == "inotify"
 HAVE_WITNESS = HAVE_FILE_LOCKS and not PORTABLE

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Dict
 
 import pytest
@@ -91,6 +92,11 @@ SHARED = ["sqlite", "file", "redis", "postgres"]
 if not HAVE_FILE_LOCKS:  # FileAdapter refuses to start (tests/test_portable.py)
     del STORES["file"]
     SHARED.remove("file")
+
+
+def file_url(path: Path) -> str:
+    """The file:// URL of a directory: ``file:///dir``, on Windows ``file:///C:/dir``."""
+    return "file:///" + Path(path).as_posix().lstrip("/")
 
 
 def url_of(adapter: Adapter) -> str:

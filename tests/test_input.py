@@ -10,7 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from stores import needs_flock
+from stores import file_url, needs_flock
 
 from brokerlock import (
     BrokerLock,
@@ -183,7 +183,7 @@ def test_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(relative, SQLiteAdapter) and relative.path == str(tmp_path / "rel.db")
     absolute = BrokerLock.from_url(f"sqlite:///{tmp_path}/abs.db").adapter
     assert isinstance(absolute, SQLiteAdapter) and absolute.path == str(tmp_path / "abs.db")
-    files = BrokerLock.from_url(f"file://{tmp_path}/dir").adapter
+    files = BrokerLock.from_url(file_url(tmp_path / "dir")).adapter
     assert isinstance(files, FileAdapter) and files.directory == str(tmp_path / "dir")
     first, second = BrokerLock.from_url("memory://"), BrokerLock.from_url("memory://")
     first.item("m").acquire()

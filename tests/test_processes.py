@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from stores import needs_flock, needs_witness
+from stores import file_url, needs_flock, needs_witness
 
 from brokerlock import BrokerLock
 
@@ -21,7 +21,7 @@ WORKER = str(Path(__file__).with_name("worker.py"))
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/locks.sqlite3"
-    return f"file://{tmp_path}/locks"
+    return file_url(tmp_path / "locks")
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen[bytes], limit: float = 20) -> None:

@@ -13,7 +13,7 @@ README = Path(__file__).resolve().parent.parent / "README.rst"
 
 def python_blocks() -> List[str]:
     blocks = []
-    lines = README.read_text().splitlines()
+    lines = README.read_text(encoding="utf-8").splitlines()
     for i, line in enumerate(lines):
         if line.strip() == ".. code-block:: python":
             body = []
@@ -42,7 +42,8 @@ def test_readme_example_runs(
     code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("BROKERLOCK_URL", f"sqlite:///{tmp_path}/default.sqlite3")
-    code = code.replace("/var/lib/myapp", str(tmp_path / "myapp"))
+    # (as_posix: a Windows path's backslashes would be escapes in the example's strings)
+    code = code.replace("/var/lib/myapp", (tmp_path / "myapp").as_posix())
     exec(compile(code, str(README), "exec"), {"__name__": "readme"})
     assert capsys.readouterr().out.strip(), "every example shows what it did"
 
@@ -52,5 +53,5 @@ def test_readme_is_valid_restructuredtext() -> None:
     import docutils.core
 
     docutils.core.publish_doctree(
-        README.read_text(), settings_overrides={"halt_level": 2, "report_level": 2}
+        README.read_text(encoding="utf-8"), settings_overrides={"halt_level": 2, "report_level": 2}
     )
