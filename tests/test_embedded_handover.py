@@ -166,6 +166,7 @@ time.sleep(60)
 
 
 @needs_witness
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="Windows cannot stop a process from outside")
 def test_a_waiter_killed_after_its_grant_does_not_strand_the_lock(kind: str, tmp_path: Path) -> None:
     url = URLS[kind](tmp_path)
     holder = BrokerLock.from_url(url).item("job", ttl="30s", timeout="1s")

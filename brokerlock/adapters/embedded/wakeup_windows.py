@@ -11,7 +11,8 @@ programs lack.)
 from __future__ import annotations
 
 import sys
-from typing import Optional
+import threading
+from typing import Any, Dict, Optional
 
 from ..base import Waiter
 
@@ -58,12 +59,34 @@ if sys.platform == "win32":
     def close_event(handle: int) -> None:
         _CloseHandle(handle)
 
+    #: Events this thread set lately, kept open: the next release is likely to ring the
+    #: same waiters, and opening and closing an event is two calls into the kernel
+    #: (into wineserver under Wine) for the one that rings. A kept handle keeps a gone
+    #: waiter's event alive, unset by anyone who matters: bell names are never reused.
+    _rung = threading.local()
+    _KEEP = 16
+
+    class _Kept(Dict[str, int]):
+        """A thread's kept event handles, closed when the thread's state is dropped."""
+
+        def __del__(self, _close: Any = _CloseHandle) -> None:
+            for handle in self.values():
+                _close(handle)
+
     def ring_event(bell: str) -> None:
         """Set the event of ``bell``; a bell whose waiter is gone has no event left."""
-        handle = _OpenEventW(_EVENT_MODIFY_STATE, False, event_name(bell))
-        if handle:
-            _SetEvent(handle)
-            _CloseHandle(handle)
+        kept: Optional[_Kept] = getattr(_rung, "events", None)
+        if kept is None:
+            kept = _rung.events = _Kept()
+        handle = kept.get(bell)
+        if handle is None:
+            handle = _OpenEventW(_EVENT_MODIFY_STATE, False, event_name(bell))
+            if not handle:
+                return
+            while len(kept) >= _KEEP:
+                _CloseHandle(kept.pop(next(iter(kept))))
+            kept[bell] = handle
+        _SetEvent(handle)
 
     def pid_alive(pid: int) -> bool:
         """Whether a process ``pid`` exists (``os.kill(pid, 0)`` would terminate it
