@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run_python(code: str, env: Optional[Dict[str, str]] = None, timeout: float = 120) -> Any:
     """Run ``code`` in a fresh interpreter; it must print one JSON line last."""
-    full_env = {k: v for k, v in os.environ.items() if k != "BROKERLOCK_PORTABLE"}
+    # (the switches of a tox env stay out: each probe here says which paths it takes)
+    switches = ("BROKERLOCK_PORTABLE", "BROKERLOCK_WAKEUP")
+    full_env = {k: v for k, v in os.environ.items() if k not in switches}
     full_env.update(env or {})
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=full_env,
