@@ -27,6 +27,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 OnLost = Callable[["BrokerLockItem"], None]
 
 
+def _nothing() -> None:
+    pass
+
+
 class Hold:
     """One thread's hold of one item: its lease and what the holder knows of it.
 
@@ -43,9 +47,11 @@ class Hold:
         self.expires = None if self.ttl is None else asked + self.ttl
         self.keepalive = keepalive and self.ttl is not None
         self.lost = False
+        self.why = ""  # why it was lost, once it is
         self.ended = False
         self.failures = 0
         self.mutex = threading.Lock()
+        self.unwatch: Callable[[], None] = _nothing  # stops the store's watch of the lease
 
     @property
     def finished(self) -> bool:
@@ -61,6 +67,20 @@ class Hold:
         if self.expires is None:
             return None
         return max(0.0, self.expires - time.monotonic())
+
+    def why_gone(self) -> str:
+        """Why the store no longer has this lease, as far as the holder can tell.
+
+        ``expires`` is counted from before the store was asked, so it is never later
+        than the store's own expiry: while it lies ahead, the lease cannot have run out
+        (up to a wall clock step on a store that uses it), and so it was broken.
+        """
+        if self.expires is None or self.expires - time.monotonic() > 0.01:
+            return (
+                "it was broken before its lease ended (brokerlock release --force, or the "
+                "store lost this process's connection and took it for dead)"
+            )
+        return f"its lease of {format_duration(self.ttl)} ran out before it was renewed or released"
 
     def renew(self) -> Optional[float]:
         """Extend the lease once, for the renewer; the next due time, or ``None``."""
@@ -87,7 +107,7 @@ class Hold:
                     return time.monotonic() + min(MAX_RETRY_DELAY, self.ttl * RENEW_AT / 4, left / 2)
                 lease, why = None, f"could not renew before the lease ran out: {exc}"
             else:
-                why = "the store no longer has its lease (expired, taken over or broken)"
+                why = self.why_gone()
             if lease is not None:
                 self.lease, self.expires = lease, asked + self.ttl
                 if self.failures:
@@ -107,21 +127,37 @@ class BrokerLock:
     """A store of named locks, reached through one adapter.
 
     ``BrokerLock()`` uses ``$BROKERLOCK_URL`` if set, else the SQLite database in the
-    user's state directory (see :func:`brokerlock.default_url`).
+    user's state directory (see :func:`brokerlock.default_url`). Pass an adapter
+    (``BrokerLock(SQLiteAdapter("locks.db"))``) or use :meth:`from_url` to choose the
+    store; ``adapter`` is the one in use. ``TypeError`` if ``adapter`` is not an
+    :class:`~brokerlock.Adapter`.
     """
 
     def __init__(self, adapter: Optional[Adapter] = None) -> None:
         if adapter is None:
-            from .urls import adapter_from_url, default_url
+            from .urls import default_adapter
 
-            adapter = adapter_from_url(default_url())
+            adapter = default_adapter()
         if not isinstance(adapter, Adapter):
             raise TypeError(f"BrokerLock needs an adapter, not {type(adapter).__name__}: {adapter!r}")
         self.adapter = adapter
 
     @classmethod
     def from_url(cls, url: str) -> BrokerLock:
-        """``sqlite:///rel.db``, ``sqlite:////abs.db``, ``file:///dir``, ``memory://``..."""
+        """The store a URL names: ``sqlite:////absolute.db`` (or ``sqlite:/absolute.db``),
+        ``sqlite:///relative.db``, ``file:///absolute/dir``, ``memory://`` (a fresh
+        private store),
+        ``redis://[user:password@]host:6379/0`` (``rediss://`` for TLS,
+        ``?prefix=`` for the keys), ``postgresql://user:password@host/db``
+        (``postgres://``; ``?table=`` for the table).
+
+        Relative paths and ``memory://`` are for programs: the command line refuses
+        them (see docs/urls.rst).
+
+        ``ValueError`` naming the URL when it names no store, ``TypeError`` if it is
+        not a ``str``, :class:`~brokerlock.BrokerLockError` when the store cannot be
+        opened.
+        """
         from .urls import adapter_from_url
 
         return cls(adapter_from_url(url))
@@ -135,10 +171,21 @@ class BrokerLock:
         keepalive: bool = False,
         on_lost: Optional[OnLost] = None,
     ) -> BrokerLockItem:
-        """A handle on the lock ``name``; creating it touches no store."""
+        """A handle on the lock ``name``; creating it touches no store.
+
+        ``name`` is any non-empty ``str`` that encodes to UTF-8, without NUL, up to 4096
+        bytes. ``ttl`` is the lease every acquisition asks for (``None``: no expiry);
+        ``timeout`` bounds how long :meth:`~BrokerLockItem.acquire` waits (``0``: one
+        attempt, ``None``: for ever). The defaults are Deepkit's. With ``keepalive``,
+        every hold's lease is renewed until it is released; ``on_lost(item)`` is called
+        once when a hold's lease is found lost. Bad values raise ``ValueError`` or
+        ``TypeError`` naming them.
+        """
         return BrokerLockItem(self, name, ttl=ttl, timeout=timeout, keepalive=keepalive, on_lost=on_lost)
 
     def close(self) -> None:
+        """Close the adapter's files and connections; locks still held are released
+        by their ttl or when the process exits, whichever comes first."""
         self.adapter.close()
 
     def __repr__(self) -> str:
@@ -148,10 +195,14 @@ class BrokerLock:
 class BrokerLockItem:
     """One named lock with its lease (``ttl``) and wait bound (``timeout``).
 
-    Not reentrant: acquiring what the calling thread already holds raises. With
-    ``keepalive``, the process's renewer thread extends every hold's lease at a third
-    of its ttl; ``on_lost(item)`` is called once per hold whose lease is lost, by
-    whichever thread learns of it first, and what it raises is logged, not propagated.
+    Made by :meth:`BrokerLock.item`; ``name``, ``ttl`` and ``timeout`` (in seconds, or
+    ``None``), ``keepalive`` and ``on_lost`` are its attributes. An item can be shared by
+    threads: each thread is a holder of its own, and :attr:`acquired`, :attr:`fence`,
+    :attr:`lease` and :meth:`release` are per thread. Not reentrant: acquiring what the
+    calling thread already holds raises. With ``keepalive``, the process's renewer
+    thread extends every hold's lease at a third of its ttl; ``on_lost(item)`` is called
+    once per hold whose lease is lost, by whichever thread learns of it first, and what
+    it raises is logged, not propagated.
     """
 
     def __init__(
@@ -236,6 +287,9 @@ class BrokerLockItem:
     def _took(self, lease: Lease, asked: float, keepalive: Optional[bool]) -> BrokerLockItem:
         hold = Hold(self, lease, asked, self.keepalive if keepalive is None else keepalive)
         self._local.hold, self._local.last = hold, None
+        # A loss the store tells of at once (a server's presence connection killed)
+        # stops the keepalive and reaches on_lost now, not at the next renewal.
+        hold.unwatch = self._adapter.watch(self.name, lease.token, functools.partial(self._gone, hold))
         if hold.keepalive:
             from .renewer import renewer  # loaded with the first kept-alive hold
 
@@ -248,7 +302,10 @@ class BrokerLockItem:
         return self
 
     def acquire(self, *, keepalive: Optional[bool] = None) -> BrokerLockItem:
-        """Block until the lock is held; :class:`LockTimeout` once ``timeout`` passes."""
+        """Block until the lock is held and return the item; :class:`LockTimeout` (naming
+        the holder) once ``timeout`` passes, :class:`BrokerLockError` if this thread
+        already holds it or the store fails. ``keepalive`` overrides the item's setting
+        for this hold."""
         request = self._request()
         asked = time.monotonic()
         lease = self._adapter.acquire(request, self.timeout)
@@ -267,7 +324,8 @@ class BrokerLockItem:
         return self._took(lease, asked, keepalive)
 
     def try_acquire(self, *, keepalive: Optional[bool] = None) -> Optional[BrokerLockItem]:
-        """One attempt that never waits: the item if acquired, else ``None``."""
+        """One attempt that never waits (Deepkit's ``try()``): the item if acquired,
+        else ``None``. ``keepalive`` overrides the item's setting for this hold."""
         request = self._request()
         asked = time.monotonic()
         lease = self._adapter.try_acquire(request)
@@ -279,7 +337,7 @@ class BrokerLockItem:
         with hold.mutex:
             if hold.lost:
                 return
-            hold.lost = True
+            hold.lost, hold.why = True, why
         log.warning("lost lock %r fence %d: %s", self.name, hold.lease.fence, why)
         if self.on_lost is not None:
             try:
@@ -287,11 +345,12 @@ class BrokerLockItem:
             except Exception:
                 log.exception("on_lost callback of lock %r raised", self.name)
 
+    def _gone(self, hold: Hold, why: str) -> None:
+        if not hold.ended:  # a hold released meanwhile lost nothing
+            self._mark_lost(hold, why)
+
     def _lost_error(self, hold: Hold, when: str) -> LockLost:
-        return LockLost(
-            f"lock {self.name!r} (fence {hold.lease.fence}) was lost before {when}: its lease "
-            f"of {format_duration(self.ttl)} ran out, was taken over or was broken"
-        )
+        return LockLost(f"lock {self.name!r} (fence {hold.lease.fence}) was lost before {when}: {hold.why}")
 
     def release(self) -> None:
         """Free the lock. A no-op when the calling thread holds nothing.
@@ -307,10 +366,11 @@ class BrokerLockItem:
         with hold.mutex:
             hold.ended = True
             known_lost = hold.lost
+        hold.unwatch()
         self._local.hold, self._local.last = None, hold
         intact = self._adapter.release(self.name, hold.lease.token)
         if known_lost or not intact:
-            self._mark_lost(hold, "its lease had ended before the release")
+            self._mark_lost(hold, hold.why_gone())
             raise self._lost_error(hold, "release")
         log.debug("released %r fence %d", self.name, hold.lease.fence)
 
@@ -335,7 +395,8 @@ class BrokerLockItem:
         if lease is None:
             self._local.hold, self._local.last = None, hold
             hold.ended = True
-            self._mark_lost(hold, "its lease had ended before extend()")
+            hold.unwatch()
+            self._mark_lost(hold, hold.why_gone())
             raise self._lost_error(hold, "extend")
         log.debug("extended %r fence %d by %s", self.name, lease.fence, format_duration(seconds))
 
@@ -366,6 +427,7 @@ class BrokerLockItem:
             pass  # logged at WARNING; the block's own error matters more
 
     def __enter__(self) -> BrokerLockItem:
+        """``with item:`` is ``with item.hold():``."""
         return self.acquire()
 
     def __exit__(
@@ -374,6 +436,7 @@ class BrokerLockItem:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
+        """Release; a lost lease raises :class:`LockLost` unless the block raised."""
         if exc_type is None:
             self.release()
         else:

@@ -188,7 +188,7 @@ def test_sqlite_database_made_read_only(nobody_dir: Path) -> None:
         started = time.monotonic()
         status, message = other.do("acquire new 30s 1s")
         assert status == "err" and message.startswith("BrokerLockError"), message
-        assert "readonly" in message or "read-only" in message or "Permission" in message, message
+        assert "readonly" in message or "read-only" in message or "ermission denied" in message, message
         status, message = other.do("try job 30s")
         assert (status, message) == ("ok", "None") or message.startswith("BrokerLockError"), message
         assert time.monotonic() - started < 2 * PROMPT
@@ -380,7 +380,9 @@ def test_server_killed_mid_hold_and_mid_wait(server_url: Tuple[Any, str]) -> Non
     time.sleep(0.3)
     _sigkill(server)
     outcome, exc = bounded(holder.extend, 15)
-    assert outcome == "error" and f":{server.port}" in str(exc), (outcome, exc)
+    # "lost" when the presence watch heard the server close the holder's connection
+    # first (which frees its lease): named either way.
+    assert outcome in ("error", "lost") and f":{server.port}" in str(exc), (outcome, exc)
     thread.join(20)
     assert not thread.is_alive(), "a parked waiter hung on a killed server"
     assert result[0][0] == "error", result

@@ -106,7 +106,8 @@ def _glob_escape(text: str) -> str:
 
 
 class RedisAdapter(Adapter):
-    """Locks in one Redis server (or one primary with replicas; see the README).
+    """Locks in one Redis server (or one primary with replicas; see the documentation
+    on Redis and PostgreSQL in production).
 
     ``url_or_client`` is a ``redis://`` or ``rediss://`` URL (``?prefix=`` overrides
     ``prefix``) or a ``redis.Redis`` client, whose pool and settings are used as given.
@@ -288,6 +289,10 @@ class RedisAdapter(Adapter):
             if lease is not None:
                 leases.append(lease)
         return sorted(leases, key=lambda lease: lease.name)
+
+    def watch(self, name: str, token: str, on_gone: Callable[[str], None]) -> Callable[[], None]:
+        # Every lease of this process on the server lives by one presence connection.
+        return self._presence.watch(on_gone)
 
     def force_release(self, name: str) -> bool:
         broken = self._script(
