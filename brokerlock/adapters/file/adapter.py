@@ -84,8 +84,8 @@ class FileAdapter(EmbeddedStore):
 
     ``directory`` is created ``0700`` if missing; a directory owned by another user, or
     world-writable without the sticky bit, is refused. File names are hashes of the lock
-    names, which are kept inside the files. POSIX only (``flock``): on Windows it raises
-    :class:`~brokerlock.BrokerLockError`; use :class:`SQLiteAdapter` there. Leases are
+    names, which are kept inside the files. Records are locked with ``flock`` (POSIX) or
+    ``LockFileEx`` (Windows) for microseconds at a time. Leases are
     counted on the host's boot clock, so wall-clock steps move none (see the clocks
     page); ``clock`` replaces that clock, for tests.
     """
