@@ -69,10 +69,10 @@ class MemoryAdapter(Adapter):
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         return None
-                    # Look again at least every second: the expiry was computed from the wall
-                    # clock, and a clock stepped back and corrected must not park us for the
-                    # size of the step.
-                    bound = 1.0
+                    # Look again at least every few seconds: the expiry was computed from the
+                    # wall clock, and a clock stepped back and corrected must not park us for
+                    # the size of the step. (Every release notifies, so this is only a net.)
+                    bound = 4.0
                     if lease is not None and lease.expires_at is not None:
                         bound = min(bound, max(0.0, lease.expires_at - self._clock()) + 0.0005)
                     self._cond.wait(bound if remaining is None else min(remaining, bound))

@@ -40,9 +40,12 @@ _IN_MOVE_SELF = 0x800
 _RUNG = MODIFIED | _IN_DELETE_SELF | _IN_MOVE_SELF
 #: Without a bell to ring, a waiter polls; this caps its sleep.
 POLL_CAP = 0.1
-#: A waiter looks again at least this often, whatever it was told: a lost ring costs
-#: at most this much.
-SAFETY_NET = 1.0
+#: A waiter looks again at least this often, whatever it was told: a lost ring, or a
+#: wall clock corrected forward past a lease's end, costs at most this much. Every
+#: hand-over rings and every process's exit is heard on the witness, so this is only
+#: a net: each look costs a blocked waiter ~0.1-0.3 ms of CPU, and a look per second
+#: was most of what waiting cost (issue 17: at most 1 ms per 5 s).
+SAFETY_NET = 4.0
 
 
 class _SharedInotifyWaiter(InotifyWaiter):

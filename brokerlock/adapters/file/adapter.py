@@ -36,14 +36,14 @@ from ..embedded.files import (
     unlock_file,
     write_at,
 )
-from ..embedded.store import EmbeddedStore, grant_news
+from ..embedded.store import EmbeddedStore, Renewal, entry_life, grant_news
 from .record import Record, decode, encode, leased, stamp, stamp_text
 
 log = logging.getLogger("brokerlock")
 
 _SUFFIX = ".lock"
-#: How long a waiter's place in a queue lasts unless the waiter renews it, which it does
-#: while it waits; bounds the stall a waiter that vanished without a trace can cause.
+#: How long a waiter's place without a witness mark lasts unless renewed (see
+#: ``embedded.store.entry_life``).
 QUEUE_ENTRY_LIFE = 6.0
 
 #: A queue entry: ``[token, witness, until, bell, ttl, host, pid, thread]``, all that
@@ -212,7 +212,7 @@ class FileAdapter(EmbeddedStore):
         departure, a break); a holder's death closes the witness file, which wakes
         every waiter. An entry carries a deadline that its waiter refreshes, so a
         waiter that vanished without a witness stalls the queue for at most
-        ``QUEUE_ENTRY_LIFE``.
+        ``entry_life``.
         """
         lease = self.try_acquire(request)
         if lease is not None or timeout == 0:
@@ -221,11 +221,11 @@ class FileAdapter(EmbeddedStore):
         name, token = request.name, request.token
         witness = self._witness.mine()  # also creates the witness file the waiter watches
         bell = self._bells.make()
-        refresh_at = 0.0
+        renewal = Renewal(entry_life(witness, QUEUE_ENTRY_LIFE))
         wake: Optional[str] = None
 
         def join_or_take(record: Optional[Record]) -> Tuple[Any, Optional[Record]]:
-            nonlocal refresh_at, wake
+            nonlocal wake
             now = self._clock()
             free = not self._holds(record, now)
             if record is not None and record.get("token") == token and not free:
@@ -237,16 +237,16 @@ class FileAdapter(EmbeddedStore):
             if changed and free and queue:
                 wake = queue[0][3]  # dead waiters were dropped: tell the new head
             place = next((i for i, e in enumerate(queue) if e[0] == token), None)
-            if place is None or time.monotonic() >= refresh_at:
+            if place is None or renewal.due(now):
                 entry = [
-                    token, witness, now + QUEUE_ENTRY_LIFE, bell,
+                    token, witness, now + renewal.life, bell,
                     request.ttl, request.host, request.pid, request.thread,
                 ]
                 if place is None:
                     queue.append(entry)
                 else:
                     queue[place] = entry  # a refresh keeps the place in line
-                refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
+                renewal.done(now)  # (written when the record is: a failed write raises)
                 changed = True
             if not changed:
                 return _expiry(record), None

@@ -60,22 +60,24 @@ T = TypeVar("T")
 CONNECT_TIMEOUT = 5.0
 #: A command whose reply does not come within this many seconds fails.
 SOCKET_TIMEOUT = 10.0
-#: Waiters look again at least this often, whatever they were told.
-RECHECK = 1.0
+#: Waiters look again at least this often, whatever they were told (a release pushes;
+#: this is a net, and each look costs a waiter a script's round trip of CPU).
+RECHECK = 3.0
 #: A wake-up nobody took is dropped after this many milliseconds.
 SIGNAL_TTL_MS = 10_000
 #: A queued waiter that has not refreshed its place for this long is dropped from the
 #: queue (it stalled; one that died is dropped at once); live waiters refresh at least
 #: every RECHECK.
-PATIENCE_MS = 5_000
+PATIENCE_MS = 15_000
 #: A waiter whose turn has come (the lock is free, it heads the queue) must take the lock
 #: within this many ms or lose its place: a stopped waiter stalls the queue this long,
 #: not PATIENCE_MS. Woken by its own BLPOP, a live waiter needs about 1 ms.
 GRACE_MS = 100
 #: The first two waiters in line watch the one ahead of them (a holder or a waiter that
-#: may have died) from this interval, doubling up to POLL_MAX.
-POLL_MIN = 0.002
-POLL_MAX = 0.5
+#: may have died: nothing pushes a death) from this interval, growing fourfold up to
+#: POLL_MAX, which bounds how late a dead holder is noticed.
+POLL_MIN = 0.5
+POLL_MAX = 2.5
 
 def _driver() -> Any:
     try:
@@ -325,7 +327,7 @@ class RedisAdapter(Adapter):
                     if (code, position) != watched:
                         poll, watched = POLL_MIN, (code, position)
                     bound = min(bound, poll)
-                    poll = min(poll * 2, POLL_MAX)
+                    poll = min(poll * 4, POLL_MAX)
                 granted = self._block(name, signal, bound)
                 if granted is not None:
                     # The release handed us the lock in its own script.
