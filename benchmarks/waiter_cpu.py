@@ -8,9 +8,9 @@ A waiter is a fresh process that blocks in ``acquire()`` on a lock this process 
 for ``--hold`` seconds; it reports the CPU time it spent inside ``acquire()``
 (``time.process_time()``, the kernel's exact count), after a first short wait of the
 same thread that pays the one-time costs (reported apart: a bell, an inotify
-descriptor, a listening session, a presence connection). The renewer figure is the CPU a process spends holding one
-lease with ``keepalive=True`` (ttl ``--ttl``) for ``--renew`` seconds, scaled to a
-minute, minus the same process idling without a lease.
+descriptor, a listening session, a presence connection). The renewer figure is the
+CPU a process spends holding one lease with ``keepalive=True`` (ttl ``--ttl``) for
+``--renew`` seconds, scaled to a minute, minus the same process idling without a lease.
 
 Target (issue 17): a waiter blocked 5 s costs at most 1 ms of CPU.
 """
@@ -77,7 +77,7 @@ lock.close()
 """
 
 
-def _child(args: List[str], **kw: Any) -> "subprocess.Popen[str]":
+def _child(args: List[str], **kw: Any) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", _CHILD, ROOT, *args], text=True, stdout=subprocess.PIPE, **kw
     )
@@ -155,7 +155,9 @@ def urls(workdir: str, families: List[str]) -> Dict[str, Optional[str]]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backends", default="memory,file,sqlite,redis,postgres")
     parser.add_argument("--hold", type=float, default=5.0, help="seconds the waiter is blocked")
     parser.add_argument("--renew", type=float, default=0.0, help="seconds to measure the renewer (0: skip)")
@@ -171,7 +173,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             if family in families:
                 import servers as servers_module
 
-                server, why = (servers_module.start_redis if family == "redis" else servers_module.start_postgres)()
+                start = servers_module.start_redis if family == "redis" else servers_module.start_postgres
+                server, why = start()
                 if server is None:
                     print(f"{family}: n/a ({why})")
                     continue

@@ -14,12 +14,12 @@ and waiters fall back to polling with backoff.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import threading
 import time
 from typing import Callable, Dict, Optional, Tuple
 
+from ..._log import log
 from ...errors import BrokerLockError
 from ..base import BackoffWaiter, Lease, Waiter
 from .files import (
@@ -32,8 +32,6 @@ from .files import (
     write_at,
 )
 from .wakeup import _IN_CLOEXEC, _IN_NONBLOCK, CLOSED, MODIFIED, InotifyWaiter, libc
-
-log = logging.getLogger("brokerlock")
 
 _IN_DELETE_SELF = 0x400
 _IN_MOVE_SELF = 0x800

@@ -15,7 +15,6 @@ PostgreSQL for locks shared between hosts.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -38,8 +37,6 @@ from ..embedded.files import (
 )
 from ..embedded.store import EmbeddedStore, Renewal, entry_life, grant_news
 from .record import Record, decode, encode, leased, stamp, stamp_text
-
-log = logging.getLogger("brokerlock")
 
 _SUFFIX = ".lock"
 #: How long a waiter's place without a witness mark lasts unless renewed (see

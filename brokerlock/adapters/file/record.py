@@ -12,13 +12,11 @@ goes through the json module as before.
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..._log import log
 from ...errors import BrokerLockError
 from ..base import clock_fence
-
-log = logging.getLogger("brokerlock")
 
 Record = Dict[str, Any]
 

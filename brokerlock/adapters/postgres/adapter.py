@@ -32,10 +32,10 @@ bound of the server's clock, whatever the skew.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar
 
+from ..._log import log
 from ...errors import BrokerLockError
 from ..base import Adapter, Lease, Request
 from . import sql as statements
@@ -47,7 +47,6 @@ from .url import DEFAULT_TABLE, display_url, split_url, table_parts
 if TYPE_CHECKING:
     import psycopg
 
-log = logging.getLogger("brokerlock")
 
 T = TypeVar("T")
 

@@ -9,16 +9,16 @@ in ``pg_locks``, without trusting PIDs or clocks. It is ``embedded.witness`` for
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
+from ..._log import log
+
 if TYPE_CHECKING:
     import psycopg
 
-log = logging.getLogger("brokerlock")
 
 
 class _Presence:

@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, TypeVar
 
+from ..._log import log
 from ...errors import BrokerLockError
 from ..base import Adapter, Lease, Request
 from .call import Caller
@@ -52,7 +52,6 @@ from .url import display_url, split_url
 if TYPE_CHECKING:
     import redis
 
-log = logging.getLogger("brokerlock")
 
 T = TypeVar("T")
 

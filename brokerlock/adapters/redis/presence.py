@@ -11,14 +11,13 @@ publishes on the channel, so the connection costs nothing while it sits there.
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
-log = logging.getLogger("brokerlock")
+from ..._log import log
 
 #: How long to wait for the server to confirm the subscription.
 SUBSCRIBE_TIMEOUT = 5.0

@@ -6,7 +6,6 @@ reported in the store's words.
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import sqlite3
@@ -15,11 +14,10 @@ import threading
 import time
 from typing import Any, Callable, NoReturn, Optional
 
+from ..._log import log
 from ...errors import BrokerLockError
 from ..embedded.files import YIELDS, open_private, yield_cpu
 from . import sql
-
-log = logging.getLogger("brokerlock")
 
 
 class _OutOfTime(Exception):
