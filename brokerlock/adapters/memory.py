@@ -21,7 +21,9 @@ class MemoryAdapter(Adapter):
         self._clock = clock
         self._cond = threading.Condition()
         self._leases: Dict[str, Lease] = {}
-        self._fences: Dict[str, int] = {}
+        # One counter for the whole store rather than one per name: a released name
+        # then leaves nothing behind (issue 17), and its fences still only grow.
+        self._fence = 0
         self._queues: Dict[str, Deque[int]] = {}
         self._tickets = itertools.count(1)
 
@@ -37,8 +39,8 @@ class MemoryAdapter(Adapter):
         return lease
 
     def _grant(self, request: Request) -> Lease:
-        fence = self._fences.get(request.name, 0) + 1
-        self._fences[request.name] = fence
+        self._fence += 1
+        fence = self._fence
         now = self._clock()
         lease = Lease(
             name=request.name, token=request.token, fence=fence, acquired_at=now,

@@ -7,7 +7,9 @@ readable name is kept inside the record. Each record is read and changed under a
 kernel lock, decides who holds, so that a ttl can take a lock from a holder that
 overran it. The holder's liveness is proved by its witness byte (see ``embedded.witness``),
 which frees a killed holder's lock at once. Waiters sleep in inotify until a record
-is written or a process that used the store exits.
+is written or a process that used the store exits. A record freed while nobody waits
+is removed, its fence kept in the store's floor (see ``record.HighWater``): the
+directory holds only names in use.
 
 ``flock`` is unreliable on NFS and other network file systems: use Redis or
 PostgreSQL for locks shared between hosts.
@@ -36,7 +38,7 @@ from ..embedded.files import (
     write_at,
 )
 from ..embedded.store import EmbeddedStore, Renewal, entry_life, grant_news
-from .record import Record, decode, encode, leased, stamp, stamp_text
+from .record import HighWater, Record, decode, encode, leased, stamp, stamp_text
 
 _SUFFIX = ".lock"
 #: How long a waiter's place without a witness mark lasts unless renewed (see
@@ -49,6 +51,8 @@ _ENTRY_SIZE = 8
 _READ_SIZE = 65536
 #: Each thread keeps its last few records open (see ``KeptFiles``).
 _RECORDS = KeptFiles(8, lambda path: open_private(path, os.O_RDWR))
+#: And the fence file of the store it used last (see ``HighWater``).
+_MARKS = KeptFiles(1, lambda path: open_private(path, os.O_RDWR))
 
 
 def file_name(name: str) -> str:
@@ -73,6 +77,7 @@ class FileAdapter(EmbeddedStore):
             os.path.join(self.directory, "witness"), os.path.join(self.directory, "bells"), clock
         )
         self._paths: Dict[str, str] = {}
+        self._high_water = HighWater(os.path.join(self.directory, "fence"), _MARKS)
 
     # -- one record under its flock ----------------------------------------------
     def _path(self, name: str) -> str:
@@ -101,7 +106,25 @@ class FileAdapter(EmbeddedStore):
                 fd = -1  # closed: its number may be another thread's before ours is back
                 fd = _RECORDS.get(path)
             record, size = self._read(fd, path, name, info.st_size)
+            if record is None or record.get("damaged"):
+                # No record (a new name, or one whose record went when it was last
+                # freed) or a damaged one: a free record whose fence is the store's
+                # floor, so that the next lease's fence is above every removed one.
+                record = {"name": name, "token": None, **(record or {}), "fence": self._high_water.read()}
             result, new = change(record)
+            if (new is None and size == 0) or (
+                new is not None and not new.get("token") and not new.get("queue")
+            ):
+                # Free, and nobody waits (or an empty file nobody wrote): the record
+                # goes, its fence kept in the floor first. Unlinked under its flock:
+                # anyone who opened it meanwhile finds it unlinked once they have the
+                # flock, and opens the path anew (above).
+                if new is not None:
+                    self._high_water.raise_to(new["fence"])
+                if _remove(path):
+                    unlock_file(fd)
+                    _RECORDS.drop(path)
+                    return result
             if new is not None:
                 data = encode(new)
                 # Pad over a longer old record instead of truncating: one write, not two;
@@ -367,6 +390,15 @@ class FileAdapter(EmbeddedStore):
         return bool(
             self._free(name, "break", lambda record: True if self._holds(record, self._clock()) else None)
         )
+
+
+def _remove(path: str) -> bool:
+    """Unlink a record; if that fails, it stays (free), as records did before."""
+    try:
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
 
 
 def _forget(fd: int, path: str) -> None:

@@ -165,6 +165,11 @@ class RedisAdapter(Adapter):
         self._presence = presence_for(f"{self.server} {kwargs.get('username') or ''}", driver, client)
 
     # -- plumbing ---------------------------------------------------------------
+    @property
+    def _fences(self) -> str:
+        """The store's one fence counter (no colon: no ``kind:name`` key can be it)."""
+        return f"{self.prefix}fences"
+
     def _key(self, kind: str, name: str) -> str:
         return f"{self.prefix}{kind}:{name}"
 
@@ -231,7 +236,7 @@ class RedisAdapter(Adapter):
             reply = self._script(
                 f"acquire {name!r}", self._acquire,
                 [self._key("lock", name), self._key("fence", name), *self._queue(name),
-                 self._signal(name, request.token)],
+                 self._signal(name, request.token), self._fences],
                 [request.token, _ttl_ms(request.ttl), name, request.host, str(request.pid),
                  request.thread, GRACE_MS, presence, member, PATIENCE_MS, "1" if queued else "",
                  json.dumps([_ttl_ms(request.ttl), request.host, str(request.pid), request.thread])
@@ -259,7 +264,7 @@ class RedisAdapter(Adapter):
     def release(self, name: str, token: str) -> bool:
         released = self._script(
             f"release {name!r}", self._release,
-            [self._key("lock", name), self._key("fence", name), *self._queue(name)],
+            [self._key("lock", name), self._key("fence", name), *self._queue(name), self._fences],
             [token, *self._wake_args(name), name],
         )
         return bool(released)
@@ -385,7 +390,7 @@ class RedisAdapter(Adapter):
             for member in members:
                 self._script(
                     f"leave the queue of {name!r}", self._leave,
-                    [self._key("lock", name), self._key("fence", name), *self._queue(name)],
+                    [self._key("lock", name), self._key("fence", name), *self._queue(name), self._fences],
                     [member, *self._wake_args(name), name],
                 )
             self._client.delete(self._signal(name, request.token))
