@@ -1,8 +1,9 @@
 """PostgreSQL store: one row per lock name, changed by single atomic statements.
 
 Acquire is one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <free> RETURNING fence``
-timed by the server's ``clock_timestamp()``. Rows are never deleted (release clears the
-token), so a name's fence keeps growing, durably, across restarts.
+timed by the server's ``clock_timestamp()``. A row freed while nobody waits is deleted,
+its fence kept in the store's floor (see ``postgres.sql``), so a name's fence keeps
+growing, durably, across restarts, while the table holds only names in use.
 
 Why lease rows *and* advisory locks: a session-level advisory lock alone dies with its
 session, which is exactly right for a crashed holder, but it has no ttl, no fence and
