@@ -6,7 +6,8 @@
 
 Figures: (1) uncontended acquire+release cycle; (2) handoff latency to a parked
 waiter with 2 and 8 processes; (3) contended throughput and fairness with 8 processes;
-(4) CPU burnt by a waiter blocked for a while; (5) start-up time. Every figure also
+(4) CPU burnt by a waiter blocked for a while; (5) start-up time; (6) what 100,000
+one-off names leave in each store (benchmarks/one_off_names.py). Every figure also
 checks mutual exclusion and the run exits 1 if any lock let two holders in (or if a
 brokerlock back end failed); missed targets are reported, not failed.
 
@@ -41,6 +42,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT]
 
 import kinds as kinds_module  # noqa: E402
+import one_off_names  # noqa: E402
 import workload  # noqa: E402
 from kinds import KINDS, Env, Kind  # noqa: E402
 from workload import Plan  # noqa: E402
@@ -370,7 +372,11 @@ def _na(s: Dict[str, Any]) -> Optional[str]:
 
 
 def report(
-    summaries: List[Dict[str, Any]], start: Dict[str, Any], plan: Plan, quick: bool
+    summaries: List[Dict[str, Any]],
+    start: Dict[str, Any],
+    plan: Plan,
+    quick: bool,
+    one_off: Optional[Dict[str, Dict[str, Any]]] = None,
 ) -> Tuple[str, List[Dict[str, Any]]]:
     by = {s["name"]: s for s in summaries}
     chunks: List[str] = []
@@ -490,7 +496,33 @@ def report(
             )
         )
 
-    # Targets of issue 5.
+    one_off = one_off or {}
+    rows = []
+    for family, r in one_off.items():
+        if "error" in r:
+            rows.append([family, r["error"], "", "", "", ""])
+            continue
+        first, second = r["runs"]
+        rows.append(
+            [
+                family,
+                f"{r['names']:,} x2",
+                f"{second['records']:,}",
+                f"{first['bytes'] / 1e6:.2f} / {second['bytes'] / 1e6:.2f} MB",
+                fmt_ns(r["list_s"] * 1e9),
+                fmt_ns(r["list_call_s"] * 1e9),
+            ]
+        )
+    if rows:
+        chunks.append(
+            table(
+                "(6) One-off names, acquired and released once each, two runs of new names",
+                ["back end", "names", "records left", "size after 1st / 2nd", "brokerlock list", "list()"],
+                rows,
+            )
+        )
+
+    # Targets of issues 5 and 17.
     targets: List[Dict[str, Any]] = []
 
     def target(
@@ -597,6 +629,25 @@ def report(
             cpu,
             None if cpu is None else cpu <= allowed,
             f"{cpu / 1e6:.2f} ms" if cpu is not None else "n/a",
+        )
+    for family, r in one_off.items():
+        if "error" in r:
+            continue
+        target(
+            f"{r['names']:,} one-off names: records left",
+            family,
+            f"<= {one_off_names.MAX_RECORDS:,}",
+            r["records"],
+            r["records"] <= one_off_names.MAX_RECORDS,
+            f"{r['records']:,}",
+        )
+        target(
+            f"{r['names']:,} one-off names: brokerlock list",
+            family,
+            f"< {one_off_names.MAX_LIST_SECONDS * 1e3:.0f} ms",
+            r["list_s"],
+            r["list_s"] < one_off_names.MAX_LIST_SECONDS,
+            fmt_ns(r["list_s"] * 1e9),
         )
     imp = sec.get("python -c 'import brokerlock'")
     if imp is not None and base:
@@ -739,6 +790,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             flush=True,
         )
         cpu_stage(runnable, env, plan)
+        one_off: Dict[str, Any] = {}
+        names = 1_000 if args.quick else 100_000
+        for family, url in (
+            ("file", "file://" + os.path.join(workdir, "one-off-files")),
+            ("sqlite", "sqlite:///" + os.path.join(workdir, "one-off.sqlite3")),
+            ("redis", redis_url and redis_url + "?prefix=one-off%3A"),
+            ("postgres", pg_dsn and pg_dsn + "?table=one_off"),
+        ):
+            if family in families and url:
+                elapsed = time.monotonic() - started
+                print(f"[{elapsed:.0f} s] {names:,} one-off names on {family}...", flush=True)
+                try:
+                    one_off[family] = one_off_names.measure(url, names)
+                except Exception as exc:
+                    one_off[family] = {"error": f"{type(exc).__name__}: {exc}"}
         print(f"[{time.monotonic() - started:.0f} s] start-up...", flush=True)
         if set(families) & set(kinds_module.FAMILIES):
             start = startup(workdir, 3 if args.quick else 15)
@@ -750,7 +816,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     summaries = [summarise(r, plan) for _k, r in results]
-    text, targets = report(summaries, start, plan, args.quick)
+    text, targets = report(summaries, start, plan, args.quick, one_off)
     print()
     print(text)
     failures = []
@@ -778,6 +844,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             },
             "kinds": summaries,
             "startup": start,
+            "one_off_names": one_off,
             "targets": targets,
             "failures": failures,
         }
