@@ -105,7 +105,10 @@ class BrokerLock:
     """A store of named locks, reached through one adapter.
 
     ``BrokerLock()`` uses ``$BROKERLOCK_URL`` if set, else the SQLite database in the
-    user's state directory (see :func:`brokerlock.default_url`).
+    user's state directory (see :func:`brokerlock.default_url`). Pass an adapter
+    (``BrokerLock(SQLiteAdapter("locks.db"))``) or use :meth:`from_url` to choose the
+    store; ``adapter`` is the one in use. ``TypeError`` if ``adapter`` is not an
+    :class:`~brokerlock.Adapter`.
     """
 
     def __init__(self, adapter: Optional[Adapter] = None) -> None:
@@ -119,7 +122,16 @@ class BrokerLock:
 
     @classmethod
     def from_url(cls, url: str) -> BrokerLock:
-        """``sqlite:///rel.db``, ``sqlite:////abs.db``, ``file:///dir``, ``memory://``..."""
+        """The store a URL names: ``sqlite:///relative.db``, ``sqlite:////absolute.db``,
+        ``file:///absolute/dir``, ``memory://`` (a fresh private store),
+        ``redis://[user:password@]host:6379/0`` (``rediss://`` for TLS,
+        ``?prefix=`` for the keys), ``postgresql://user:password@host/db``
+        (``postgres://``; ``?table=`` for the table).
+
+        ``ValueError`` naming the URL when it names no store, ``TypeError`` if it is
+        not a ``str``, :class:`~brokerlock.BrokerLockError` when the store cannot be
+        opened.
+        """
         from .urls import adapter_from_url
 
         return cls(adapter_from_url(url))
@@ -133,10 +145,21 @@ class BrokerLock:
         keepalive: bool = False,
         on_lost: Optional[OnLost] = None,
     ) -> BrokerLockItem:
-        """A handle on the lock ``name``; creating it touches no store."""
+        """A handle on the lock ``name``; creating it touches no store.
+
+        ``name`` is any non-empty ``str`` that encodes to UTF-8, without NUL, up to 4096
+        bytes. ``ttl`` is the lease every acquisition asks for (``None``: no expiry);
+        ``timeout`` bounds how long :meth:`~BrokerLockItem.acquire` waits (``0``: one
+        attempt, ``None``: for ever). The defaults are Deepkit's. With ``keepalive``,
+        every hold's lease is renewed until it is released; ``on_lost(item)`` is called
+        once when a hold's lease is found lost. Bad values raise ``ValueError`` or
+        ``TypeError`` naming them.
+        """
         return BrokerLockItem(self, name, ttl=ttl, timeout=timeout, keepalive=keepalive, on_lost=on_lost)
 
     def close(self) -> None:
+        """Close the adapter's files and connections; locks still held are released
+        by their ttl or when the process exits, whichever comes first."""
         self.adapter.close()
 
     def __repr__(self) -> str:
@@ -146,10 +169,14 @@ class BrokerLock:
 class BrokerLockItem:
     """One named lock with its lease (``ttl``) and wait bound (``timeout``).
 
-    Not reentrant: acquiring what the calling thread already holds raises. With
-    ``keepalive``, the process's renewer thread extends every hold's lease at a third
-    of its ttl; ``on_lost(item)`` is called once per hold whose lease is lost, by
-    whichever thread learns of it first, and what it raises is logged, not propagated.
+    Made by :meth:`BrokerLock.item`; ``name``, ``ttl`` and ``timeout`` (in seconds, or
+    ``None``), ``keepalive`` and ``on_lost`` are its attributes. An item can be shared by
+    threads: each thread is a holder of its own, and :attr:`acquired`, :attr:`fence`,
+    :attr:`lease` and :meth:`release` are per thread. Not reentrant: acquiring what the
+    calling thread already holds raises. With ``keepalive``, the process's renewer
+    thread extends every hold's lease at a third of its ttl; ``on_lost(item)`` is called
+    once per hold whose lease is lost, by whichever thread learns of it first, and what
+    it raises is logged, not propagated.
     """
 
     def __init__(
@@ -246,7 +273,10 @@ class BrokerLockItem:
         return self
 
     def acquire(self, *, keepalive: Optional[bool] = None) -> BrokerLockItem:
-        """Block until the lock is held; :class:`LockTimeout` once ``timeout`` passes."""
+        """Block until the lock is held and return the item; :class:`LockTimeout` (naming
+        the holder) once ``timeout`` passes, :class:`BrokerLockError` if this thread
+        already holds it or the store fails. ``keepalive`` overrides the item's setting
+        for this hold."""
         request = self._request()
         asked = time.monotonic()
         lease = self._adapter.acquire(request, self.timeout)
@@ -265,7 +295,8 @@ class BrokerLockItem:
         return self._took(lease, asked, keepalive)
 
     def try_acquire(self, *, keepalive: Optional[bool] = None) -> Optional[BrokerLockItem]:
-        """One attempt that never waits: the item if acquired, else ``None``."""
+        """One attempt that never waits (Deepkit's ``try()``): the item if acquired,
+        else ``None``. ``keepalive`` overrides the item's setting for this hold."""
         request = self._request()
         asked = time.monotonic()
         lease = self._adapter.try_acquire(request)
@@ -364,6 +395,7 @@ class BrokerLockItem:
             pass  # logged at WARNING; the block's own error matters more
 
     def __enter__(self) -> BrokerLockItem:
+        """``with item:`` is ``with item.hold():``."""
         return self.acquire()
 
     def __exit__(
@@ -372,6 +404,7 @@ class BrokerLockItem:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> None:
+        """Release; a lost lease raises :class:`LockLost` unless the block raised."""
         if exc_type is None:
             self.release()
         else:

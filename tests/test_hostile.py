@@ -8,11 +8,13 @@ Example counts are bounded so the file runs in well under a minute.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator, Set
+from urllib.parse import unquote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -211,9 +213,13 @@ def test_non_str_urls_are_type_errors(url: Any) -> None:
 def test_embedded_urls_open_where_they_say(
     tail: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Real embedded stores from hostile relative URLs, inside a scratch working
-    directory: a working store or ValueError/TypeError/BrokerLockError (a path that is
-    not a usable file is a store failure), and nothing written above the directory."""
+    """Real embedded stores from hostile URLs, inside a scratch working directory: a
+    working store or ValueError/TypeError/BrokerLockError (a path that is not a usable
+    file is a store failure), and nothing written above the directory.
+
+    A tail that decodes to an absolute path ("/etc", or on Windows "\\etc" and "C:x")
+    would open at the file system root: such tails are rooted in the scratch directory
+    instead (``sqlite:///`` + scratch + "/" + tail), so they still test absolute URLs."""
     from brokerlock import BrokerLockError
 
     work = tmp_path / "w" / uuid.uuid4().hex
@@ -224,7 +230,10 @@ def test_embedded_urls_open_where_they_say(
         return {p for p in _tree(tmp_path) if not p.startswith(f"w/{work.name}")}
 
     before = above()
-    for url in (f"sqlite:///{tail}", f"sqlite:///db/{tail}"):
+    decoded = unquote(tail)
+    rooted = decoded.startswith(("/", "\\")) or os.path.isabs(decoded) or os.path.splitdrive(decoded)[0]
+    first = f"{work.as_posix()}/{tail}" if rooted else tail
+    for url in (f"sqlite:///{first}", f"sqlite:///db/{tail}"):
         if "/.." in "/" + tail or "%2e" in tail.lower():
             continue  # a relative path that climbs out names that place on purpose
         try:

@@ -16,6 +16,12 @@ from .base import Adapter, Lease, Request
 
 
 class MemoryAdapter(Adapter):
+    """Locks of the threads of one process, in memory; each instance is its own store.
+
+    Fences count from 1 per name and are forgotten with the store. ``clock`` exists for
+    tests.
+    """
+
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.url = "memory://"
         self._clock = clock

@@ -63,6 +63,15 @@ def file_name(name: str) -> str:
 
 
 class FileAdapter(EmbeddedStore):
+    """Locks of the processes of one host, one small file per lock name in a directory.
+
+    ``directory`` is created ``0700`` if missing; a directory owned by another user, or
+    world-writable without the sticky bit, is refused. File names are hashes of the lock
+    names, which are kept inside the files. POSIX only (``flock``): on Windows it raises
+    :class:`~brokerlock.BrokerLockError`; use :class:`SQLiteAdapter` there. ``clock``
+    exists for tests.
+    """
+
     def __init__(
         self, directory: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
     ) -> None:

@@ -107,7 +107,8 @@ def _glob_escape(text: str) -> str:
 
 
 class RedisAdapter(Adapter):
-    """Locks in one Redis server (or one primary with replicas; see the README).
+    """Locks in one Redis server (or one primary with replicas; see the documentation
+    on Redis and PostgreSQL in production).
 
     ``url_or_client`` is a ``redis://`` or ``rediss://`` URL (``?prefix=`` overrides
     ``prefix``) or a ``redis.Redis`` client, whose pool and settings are used as given.

@@ -34,6 +34,15 @@ QUEUE_ENTRY_LIFE = 6.0
 
 
 class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
+    """Locks of the processes of one host, in a SQLite database file.
+
+    ``path`` names the database, created (with its directory, ``0700``) if missing;
+    beside it live ``<path>-witness`` and the ``<path>-bells`` directory. Keep it on a
+    local disk, not NFS. ``clock`` (seconds since the epoch) exists for tests.
+    ``ValueError`` for ``":memory:"`` or a ``file:`` URI, :class:`~brokerlock.BrokerLockError`
+    when the database cannot be opened or is not one.
+    """
+
     def __init__(
         self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
     ) -> None:
