@@ -1,4 +1,4 @@
-"""Durations: ``"500ms"``, ``"60s"``, ``"2 minutes"``, ``2.5`` or a ``timedelta`` to seconds.
+"""Durations: ``"500ms"``, ``"60s"``, ``"2 minutes"``, ``"1h30m"``, ``2.5`` or a ``timedelta`` to seconds.
 
 The common spellings are parsed here with one regular expression, because importing
 humanfriendly costs ~25 ms of start-up that a cron job should not pay; anything the
@@ -30,6 +30,9 @@ _UNITS = {
     "w": 604800.0, "week": 604800.0, "weeks": 604800.0,
 }
 _SIMPLE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+#: One part of a compound duration such as ``1h30m`` or ``2m 30s``: a unit is required.
+_PART = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]+)\s*")
+_COMPOUND = re.compile(r"(?:\s*(?:\d+(?:\.\d*)?|\.\d+)\s*[a-zA-Z]+\s*){2,}")
 
 
 def parse_duration(value: Duration, what: str = "duration") -> Optional[float]:
@@ -74,6 +77,8 @@ def _parse_text(text: str, what: str) -> float:
         factor = _UNITS.get(unit.lower()) if unit else 1.0
         if factor is not None:
             return float(number) * factor
+    if _COMPOUND.fullmatch(text):
+        return _parse_compound(text, what)
     if not text.strip():
         raise ValueError(f"{what} must not be empty: {text!r}")
     if text.strip().startswith("-"):
@@ -84,8 +89,27 @@ def _parse_text(text: str, what: str) -> float:
         return float(parse_timespan(text.strip()))
     except (InvalidTimespan, ValueError, OverflowError):
         raise ValueError(
-            f"{what} {text!r} is not a duration; write e.g. '500ms', '60s', '2 minutes' or '1.5h'"
+            f"{what} {text!r} is not a duration; write e.g. '500ms', '60s', '2 minutes', '1h30m' or '1.5h'"
         ) from None
+
+
+def _parse_compound(text: str, what: str) -> float:
+    """``1h30m``, ``2m30s``, ``1h 30m``: parts with units, largest first, each once."""
+    total, previous = 0.0, None
+    for match in _PART.finditer(text):
+        number, unit = match.groups()
+        factor = _UNITS.get(unit.lower())
+        if factor is None:
+            raise ValueError(
+                f"{what} {text!r} is not a duration: unknown unit {unit!r}; write e.g. '1h30m' or '2m 30s'"
+            )
+        if previous is not None and factor >= previous:
+            raise ValueError(
+                f"{what} {text!r} is not a duration: its parts must go from larger units to "
+                f"smaller, each once, e.g. '1h30m' or '2m 30s'"
+            )
+        total, previous = total + float(number) * factor, factor
+    return total
 
 
 def format_duration(seconds: Optional[float]) -> str:

@@ -25,6 +25,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 OnLost = Callable[["BrokerLockItem"], None]
 
 
+def _nothing() -> None:
+    pass
+
+
 class Hold:
     """One thread's hold of one item: its lease and what the holder knows of it.
 
@@ -41,9 +45,11 @@ class Hold:
         self.expires = None if self.ttl is None else asked + self.ttl
         self.keepalive = keepalive and self.ttl is not None
         self.lost = False
+        self.why = ""  # why it was lost, once it is
         self.ended = False
         self.failures = 0
         self.mutex = threading.Lock()
+        self.unwatch: Callable[[], None] = _nothing  # stops the store's watch of the lease
 
     @property
     def finished(self) -> bool:
@@ -59,6 +65,20 @@ class Hold:
         if self.expires is None:
             return None
         return max(0.0, self.expires - time.monotonic())
+
+    def why_gone(self) -> str:
+        """Why the store no longer has this lease, as far as the holder can tell.
+
+        ``expires`` is counted from before the store was asked, so it is never later
+        than the store's own expiry: while it lies ahead, the lease cannot have run out
+        (up to a wall clock step on a store that uses it), and so it was broken.
+        """
+        if self.expires is None or self.expires - time.monotonic() > 0.01:
+            return (
+                "it was broken before its lease ended (brokerlock release --force, or the "
+                "store lost this process's connection and took it for dead)"
+            )
+        return f"its lease of {format_duration(self.ttl)} ran out before it was renewed or released"
 
     def renew(self) -> Optional[float]:
         """Extend the lease once, for the renewer; the next due time, or ``None``."""
@@ -85,7 +105,7 @@ class Hold:
                     return time.monotonic() + min(MAX_RETRY_DELAY, self.ttl * RENEW_AT / 4, left / 2)
                 lease, why = None, f"could not renew before the lease ran out: {exc}"
             else:
-                why = "the store no longer has its lease (expired, taken over or broken)"
+                why = self.why_gone()
             if lease is not None:
                 self.lease, self.expires = lease, asked + self.ttl
                 if self.failures:
@@ -261,6 +281,9 @@ class BrokerLockItem:
     def _took(self, lease: Lease, asked: float, keepalive: Optional[bool]) -> BrokerLockItem:
         hold = Hold(self, lease, asked, self.keepalive if keepalive is None else keepalive)
         self._local.hold, self._local.last = hold, None
+        # A loss the store tells of at once (a server's presence connection killed)
+        # stops the keepalive and reaches on_lost now, not at the next renewal.
+        hold.unwatch = self._adapter.watch(self.name, lease.token, functools.partial(self._gone, hold))
         if hold.keepalive:
             from .renewer import renewer  # loaded with the first kept-alive hold
 
@@ -308,7 +331,7 @@ class BrokerLockItem:
         with hold.mutex:
             if hold.lost:
                 return
-            hold.lost = True
+            hold.lost, hold.why = True, why
         log.warning("lost lock %r fence %d: %s", self.name, hold.lease.fence, why)
         if self.on_lost is not None:
             try:
@@ -316,11 +339,12 @@ class BrokerLockItem:
             except Exception:
                 log.exception("on_lost callback of lock %r raised", self.name)
 
+    def _gone(self, hold: Hold, why: str) -> None:
+        if not hold.ended:  # a hold released meanwhile lost nothing
+            self._mark_lost(hold, why)
+
     def _lost_error(self, hold: Hold, when: str) -> LockLost:
-        return LockLost(
-            f"lock {self.name!r} (fence {hold.lease.fence}) was lost before {when}: its lease "
-            f"of {format_duration(self.ttl)} ran out, was taken over or was broken"
-        )
+        return LockLost(f"lock {self.name!r} (fence {hold.lease.fence}) was lost before {when}: {hold.why}")
 
     def release(self) -> None:
         """Free the lock. A no-op when the calling thread holds nothing.
@@ -336,10 +360,11 @@ class BrokerLockItem:
         with hold.mutex:
             hold.ended = True
             known_lost = hold.lost
+        hold.unwatch()
         self._local.hold, self._local.last = None, hold
         intact = self._adapter.release(self.name, hold.lease.token)
         if known_lost or not intact:
-            self._mark_lost(hold, "its lease had ended before the release")
+            self._mark_lost(hold, hold.why_gone())
             raise self._lost_error(hold, "release")
         log.debug("released %r fence %d", self.name, hold.lease.fence)
 
@@ -364,7 +389,8 @@ class BrokerLockItem:
         if lease is None:
             self._local.hold, self._local.last = None, hold
             hold.ended = True
-            self._mark_lost(hold, "its lease had ended before extend()")
+            hold.unwatch()
+            self._mark_lost(hold, hold.why_gone())
             raise self._lost_error(hold, "extend")
         log.debug("extended %r fence %d by %s", self.name, lease.fence, format_duration(seconds))
 

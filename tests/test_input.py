@@ -21,6 +21,7 @@ from brokerlock import (
     default_url,
 )
 from brokerlock._platform import HAVE_WITNESS
+from brokerlock.adapters.embedded.clock import BOOT_ID
 from brokerlock.adapters.file.adapter import file_name
 from brokerlock.durations import parse_duration
 
@@ -99,7 +100,8 @@ def test_lock_files_stay_in_their_directory(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["locks"]
     files = sorted(p.name for p in directory.iterdir())
     assert ("witness" in files) == HAVE_WITNESS
-    assert all(len(f) == 45 and f.endswith(".lock") for f in files if f != "witness")
+    assert ("clock" in files) == bool(BOOT_ID)  # the store's clock (embedded.clock)
+    assert all(len(f) == 45 and f.endswith(".lock") for f in files if f not in ("witness", "clock"))
     assert len([f for f in files if f.endswith(".lock")]) == 7
     assert file_name("a/b") != file_name("a_b")
 

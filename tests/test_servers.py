@@ -248,9 +248,12 @@ def test_server_restart_while_held(backend: Tuple[str, Any], url: str) -> None:
     newcomer = other.item("survivor", ttl="30s", timeout="3s")
     newcomer.acquire()
     assert newcomer.fence is not None and newcomer.fence > first_fence
-    with pytest.raises(LockLost):
-        item.extend()
-    assert not item.acquired
+    if not isinstance(info.value, LockLost):
+        # (The presence watch may have told the holder already, when the server closed
+        # its presence connection: then the extend above raised LockLost, naming it.)
+        with pytest.raises(LockLost):
+            item.extend()
+    assert not item.acquired and item.lost
     holders = [lease for lease in other.adapter.list() if lease.name == "survivor"]
     assert [lease.token for lease in holders] == [newcomer.lease.token]  # type: ignore[union-attr]
     newcomer.release()

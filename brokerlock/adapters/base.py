@@ -14,7 +14,7 @@ import random
 import sys
 import threading
 import time
-from typing import List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 
 def _hostname() -> str:
@@ -47,8 +47,9 @@ class Lease(NamedTuple):
     """One holder's record of one lock, as the store sees it.
 
     ``expires_at`` and ``acquired_at`` are seconds since the epoch by the store's
-    clock (the server's for Redis and PostgreSQL); ``expires_at`` is ``None`` when the
-    lease has no ttl.
+    clock (the server's for Redis and PostgreSQL, the host's boot clock pinned to the
+    wall clock for SQLite and lock files: see ``Adapter.on_wall_clock``); ``expires_at``
+    is ``None`` when the lease has no ttl.
     """
 
     name: str
@@ -62,16 +63,19 @@ class Lease(NamedTuple):
 
     def describe(self) -> str:
         """Who holds it, for error messages and ``brokerlock status``."""
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.acquired_at))
-        until = (
-            "no expiry"
-            if self.expires_at is None
-            else "until " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.expires_at))
-        )
+        since = local_time(self.acquired_at)
+        until = "no expiry" if self.expires_at is None else "until " + local_time(self.expires_at)
         return (
             f"held by pid {self.pid} on {self.host} (thread {self.thread}) "
             f"since {since}, {until}, fence {self.fence}"
         )
+
+
+def local_time(epoch: float) -> str:
+    """``2026-12-07 03:00:00+01:00``: local time with its UTC offset, so that readers in
+    other zones (a log shipped elsewhere, a server's UTC) read the right hour."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S%z", time.localtime(epoch))
+    return stamp[:-2] + ":" + stamp[-2:]  # ISO 8601's +01:00 rather than C's +0100
 
 
 def clock_fence() -> int:
@@ -153,6 +157,17 @@ class Adapter(abc.ABC):
             bound = until_expiry if bound is None else min(bound, until_expiry)
         return bound
 
+    def watch(self, name: str, token: str, on_gone: Callable[[str], None]) -> Callable[[], None]:
+        """Ask to hear at once when the lease ``token`` of ``name`` ends without its
+        holder's doing, where the store can tell; returns the function that stops it.
+
+        ``on_gone(why)`` is called at most once, from any thread, with no lock of the
+        adapter held. Server stores call it when this process's presence connection
+        ends (which frees its leases at once); the default hears of nothing, and the
+        holder learns of a loss at its next renewal or release.
+        """
+        return _nothing
+
     def waiter(self, name: str) -> Waiter:
         """Something to block on until ``name`` may have changed; polling by default."""
         return BackoffWaiter()
@@ -161,8 +176,17 @@ class Adapter(abc.ABC):
         """The store's clock, in seconds since the epoch."""
         return time.time()
 
+    def on_wall_clock(self, lease: Lease) -> Lease:
+        """``lease`` with its times on this host's wall clock, for display (the same
+        lease where the store's clock is the wall clock, or a server's)."""
+        return lease
+
     def close(self) -> None:  # noqa: B027  (optional: most adapters have nothing to free)
         """Release the adapter's resources; held leases stay in the store."""
+
+
+def _nothing() -> None:
+    pass
 
 
 class Waiter:

@@ -12,7 +12,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from typing import TYPE_CHECKING, Any, Dict, List, NoReturn, Optional, Sequence
 
 from .. import __version__
@@ -24,31 +23,45 @@ if TYPE_CHECKING:
 
 #: Bad usage, bad values, a store that cannot be opened (argparse's own code).
 EX_USAGE = 2
-#: The lock is busy (sysexits.h EX_TEMPFAIL: "try again later"), or was lost.
-EX_TEMPFAIL = 75
+#: The lock is busy (sysexits.h EX_TEMPFAIL: "try again later"); nothing ran.
+EX_BUSY = 75
+#: The command ran, but the lock was lost before it ended (coreutils' "the wrapper failed").
+EX_LOST = 125
 
 _RUN_EPILOG = """\
 The command runs only while the lock is held, with stdin/stdout/stderr passed
-through; brokerlock exits with its exit code (128+N when signal N killed it).
-If the lock stays busy past --timeout, nothing runs, one line on stderr says who
-holds the lock, and the exit code is 75 (or --conflict-exit-code).
+through, as a process group (session) of its own. The lease is renewed every
+ttl/3 for as long as the command runs, so the lock lasts as long as the command;
+--ttl only bounds how long a runner that stopped renewing (frozen, unreachable)
+keeps it. If the lock is lost anyway (broken with 'release --force', the store
+lost the runner's connection), the whole process group is stopped (--on-lost).
+If the runner itself is killed, its job is killed with it (Linux, macOS, BSD).
 
 examples:
   # nightly backup, skipped (exit 75) while the previous one still runs
   brokerlock run --timeout 0 backup -- /usr/local/bin/backup.sh --full
 
-  # wait up to 5 minutes for the lock; keep it for as long as the job runs
-  brokerlock run --timeout 5m --ttl 1m --keepalive reindex -- ./reindex.py
+  # in a crontab: a skipped run is no error (exit 0), a lost lock is (exit 125)
+  */5 * * * * brokerlock run -n -E 0 sync -- /usr/local/bin/sync.sh
+
+  # wait up to 5 minutes for the lock
+  brokerlock run --timeout 5m reindex -- ./reindex.py
 
   # a lock shared by several hosts
   brokerlock run --url redis://locks.internal:6379/0 deploy -- make deploy
 
 exit codes:
-  CMD's code   the command ran (128+N: killed by signal N)
-  75           busy (--conflict-exit-code N changes it), or the lock was lost
-               while the command ran and the command did not fail on its own
+  CMD's code   the command ran and held the lock to its end (128+N: killed by
+               signal N)
+  75           busy: the lock was not acquired within --timeout, nothing ran
+               (-E/--conflict-exit-code N changes it)
+  125          the lock was lost while the command ran (--lost-exit-code N)
   126, 127     the command cannot be executed / was not found (as in a shell)
   2            bad usage or value, or the store cannot be opened
+Whenever brokerlock itself chose the code (75, 125, 126, 127, 2) it says why in
+one line on stderr starting with "brokerlock:"; a command's own code is passed
+on without a word. Pick codes your command never uses to tell them apart by the
+code alone.
 """
 
 _STATUS_EPILOG = """\
@@ -63,14 +76,16 @@ examples:
   brokerlock list
   brokerlock list --json | jq -r '.[] | select(.expires_at == null) | .name'
 
---json prints a list of {name, host, pid, thread, acquired_at, expires_at,
-fence}, times in seconds since the epoch (expires_at null: no expiry).
+Times are local, with their UTC offset. --json prints a list of {name, host,
+pid, thread, acquired_at, expires_at, fence}, times in ISO 8601 with their
+offset, e.g. "2026-12-07T03:00:00.250000+00:00" (expires_at null: no expiry).
 """
 
 _RELEASE_EPILOG = """\
 Breaking a lock lets the next waiter in while the holder may still be working.
 The holder learns of it when it next renews or releases (brokerlock run then
-reports the loss and exits 75; with --keepalive it stops its command).
+reports the lock broken by force, stops its command and exits 125; with
+--no-keepalive it learns only when the command ends).
 
 exit codes: 0 broken, 1 it was not held, 2 refused (no --force) or error.
 
@@ -125,22 +140,30 @@ def _build_parser() -> _Parser:
     )
     run.add_argument("name", metavar="NAME", help="lock name")
     run.add_argument("cmd", nargs="*", metavar="CMD", help="the command and its arguments, after --")
-    run.add_argument("--ttl", default="2m", metavar="D", help="lease length, e.g. 90s, 2m, none (default 2m)")
+    run.add_argument("--ttl", default="2m", metavar="D",
+                     help="lease length, e.g. 90s, 2m, 1h30m, none; renewed every ttl/3 while CMD runs "
+                          "(default 2m)")
     run.add_argument(
         "--timeout", "-w", "--wait", default="30s", metavar="D",
         help="how long to wait for a busy lock; 0 fails at once, none waits forever (default 30s)",
     )
     run.add_argument("--nonblock", "-n", action="store_const", const="0", dest="timeout",
                      help="fail at once if busy, as --timeout 0")
-    run.add_argument("--keepalive", action="store_true", help="renew the lease every ttl/3 while CMD runs")
+    run.add_argument("--keepalive", action="store_true", default=True,
+                     help="renew the lease every ttl/3 while CMD runs (the default)")
+    run.add_argument("--no-keepalive", action="store_false", dest="keepalive",
+                     help="never renew: the lock ends after --ttl even if CMD still runs")
     run.add_argument(
         "--on-lost", choices=("stop", "warn"), default="stop",
-        help="if the lock is lost while CMD runs: stop it (SIGTERM, later SIGKILL; default) or warn",
+        help="if the lock is lost while CMD runs: stop its process group (SIGTERM, later SIGKILL; "
+             "default) or warn",
     )
     run.add_argument("--kill-after", default="10s", metavar="D",
-                     help="SIGKILL a command stopped by --on-lost stop after this long (default 10s)")
-    run.add_argument("--conflict-exit-code", "-E", type=int, default=EX_TEMPFAIL, metavar="N",
-                     help="exit code when the lock is busy (default 75)")
+                     help="SIGKILL a process group stopped by --on-lost stop after this long (default 10s)")
+    run.add_argument("--conflict-exit-code", "-E", type=int, default=EX_BUSY, metavar="N",
+                     help="exit code when the lock is busy and nothing ran (default 75)")
+    run.add_argument("--lost-exit-code", type=int, default=EX_LOST, metavar="N",
+                     help="exit code when the lock was lost while CMD ran (default 125)")
 
     status = commands.add_parser(
         "status", parents=[store], formatter_class=raw, epilog=_STATUS_EPILOG,
@@ -179,10 +202,10 @@ def _parse(argv: List[str]) -> argparse.Namespace:
             args.cmd = command
         if not args.cmd:
             raise _UsageError("brokerlock run: no command given: brokerlock run NAME -- CMD [ARGS...]")
-        if not 0 <= args.conflict_exit_code <= 255:
-            raise _UsageError(
-                f"brokerlock run: --conflict-exit-code {args.conflict_exit_code} is not an exit code (0-255)"
-            )
+        for option, code in (("--conflict-exit-code", args.conflict_exit_code),
+                             ("--lost-exit-code", args.lost_exit_code)):
+            if not 0 <= code <= 255:
+                raise _UsageError(f"brokerlock run: {option} {code} is not an exit code (0-255)")
     return args
 
 
@@ -208,7 +231,17 @@ def _shown(text: object) -> str:
 
 
 def _when(epoch: Optional[float]) -> str:
-    return "never" if epoch is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+    from ..adapters.base import local_time
+
+    return "never" if epoch is None else local_time(epoch)
+
+
+def _iso(epoch: Optional[float]) -> Optional[str]:
+    if epoch is None:
+        return None
+    from datetime import datetime
+
+    return datetime.fromtimestamp(epoch).astimezone().isoformat()
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -222,7 +255,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return run(
             lock, args.name, args.cmd, ttl=ttl, timeout=timeout, keepalive=args.keepalive,
             stop_on_loss=args.on_lost == "stop", kill_after=kill_after or 0.0,
-            conflict_exit_code=args.conflict_exit_code, say=_say,
+            conflict_exit_code=args.conflict_exit_code, lost_exit_code=args.lost_exit_code, say=_say,
         )
     finally:
         lock.close()
@@ -235,6 +268,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     lock = _open(args.url)
     try:
         lease = lock.adapter.get(name)
+        lease = None if lease is None else lock.adapter.on_wall_clock(lease)
     finally:
         lock.close()
     if lease is None:
@@ -248,14 +282,14 @@ def _lease_record(lease: Lease) -> Dict[str, Any]:
     # Never the token: whoever has it can release or extend the holder's lease.
     return {
         "name": lease.name, "host": lease.host, "pid": lease.pid, "thread": lease.thread,
-        "acquired_at": lease.acquired_at, "expires_at": lease.expires_at, "fence": lease.fence,
+        "acquired_at": _iso(lease.acquired_at), "expires_at": _iso(lease.expires_at), "fence": lease.fence,
     }
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
     lock = _open(args.url)
     try:
-        leases = sorted(lock.adapter.list(), key=lambda lease: lease.name)
+        leases = sorted(map(lock.adapter.on_wall_clock, lock.adapter.list()), key=lambda lease: lease.name)
     finally:
         lock.close()
     if args.json:
@@ -291,6 +325,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
     lock = _open(args.url)
     try:
         lease = lock.adapter.get(name)
+        lease = None if lease is None else lock.adapter.on_wall_clock(lease)
         broken = lock.adapter.force_release(name)
     finally:
         lock.close()
@@ -324,7 +359,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.getLogger("brokerlock").addHandler(_LOG_LINES)
     try:
         args = _parse(args_list)
-        return _COMMANDS[args.command](args)
+        code = _COMMANDS[args.command](args)
+        # Flush here, not at exit: with a buffered stdout (PYTHONUNBUFFERED unset, as
+        # under cron) a reader that has gone is only noticed by this write.
+        sys.stdout.flush()
+        return code
     except SystemExit as exc:  # argparse after --help / --version
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EX_USAGE)
     except _UsageError as exc:

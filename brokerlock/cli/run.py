@@ -3,10 +3,11 @@
 The main thread waits for the child and reacts to everything, so signal handlers run
 where the state lives. It sleeps in ``select()`` on the signal wake-up pipe, with a
 SIGCHLD handler installed so that the child's exit wakes it at once (``Popen.wait``
-with a timeout would poll every 50 ms). With ``--keepalive`` the library's renewer
-thread extends the lease; its ``on_lost`` callback only sets a flag and writes to the
-same pipe. Windows has neither SIGCHLD nor the pipe: there ``Popen.wait`` blocks on
-the process handle, in slices of 0.1 s when a loss must be noticed.
+with a timeout would poll every 50 ms). The library's renewer thread extends the lease
+while the job lives (unless ``--no-keepalive``); its ``on_lost`` callback only sets a
+flag and writes to the same pipe. Windows has neither SIGCHLD nor the pipe: there
+``Popen.wait`` blocks on the process handle, in slices of 0.1 s when a loss must be
+noticed. The job itself, its process group and its fate when the runner dies: ``job``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ from typing import Any, Callable, List, Optional
 
 from ..errors import BrokerLockError, LockLost, LockTimeout
 from ..lock import BrokerLock, BrokerLockItem
+from .job import Job
 
-EX_TEMPFAIL = 75
+#: Busy: the lock was not acquired in time, nothing ran (sysexits.h EX_TEMPFAIL).
+EX_BUSY = 75
+#: The command ran, but the lock was lost before it ended: as coreutils' wrappers
+#: (timeout, env, nice) say 125 when the wrapper itself failed.
+EX_LOST = 125
 EX_NOEXEC = 126  # found but cannot be executed, as a POSIX shell reports it
 EX_NOTFOUND = 127
 
@@ -45,24 +51,6 @@ def _signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
-
-
-def _terminal_sent_it() -> bool:
-    """Whether a SIGINT most likely came from the terminal (Ctrl-C).
-
-    The terminal signals its whole foreground process group, which includes the
-    child; forwarding would deliver a second SIGINT, and a second Ctrl-C is how many
-    programs are told to skip their clean-up.
-    """
-    if sys.platform == "win32":
-        return True  # a console Ctrl-C reaches every process attached to it
-    for fd in (0, 1, 2):
-        try:
-            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
-                return True
-        except OSError:
-            continue
-    return False
 
 
 def _check_command(argv0: str) -> Optional[int]:
@@ -89,11 +77,11 @@ def _check_command(argv0: str) -> Optional[int]:
 class _Runner:
     def __init__(
         self, cmd: List[str], *, keepalive: bool, stop_on_loss: bool, kill_after: float,
-        say: Callable[[str], None],
+        lost_code: int, say: Callable[[str], None],
     ) -> None:
-        self.cmd, self.say = cmd, say
+        self.cmd, self.say, self.lost_code = cmd, say, lost_code
         self.keepalive, self.stop_on_loss, self.kill_after = keepalive, stop_on_loss, kill_after
-        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.job: Optional[Job] = None
         self.starting = False
         self.pending: List[int] = []
         self.lost = False
@@ -106,11 +94,14 @@ class _Runner:
 
     # -- events --------------------------------------------------------------------
     def on_signal(self, signum: int, frame: Any) -> None:
-        if self.proc is not None:
-            if signum != signal.SIGINT or not _terminal_sent_it():
-                self.proc.send_signal(signum)
+        if self.job is not None:
+            # The job is a session of its own, so a terminal's Ctrl-C reaches only us:
+            # forwarding it is the one copy the job gets. (On Windows the console sends
+            # it to the command itself.)
+            if sys.platform != "win32" or signum != signal.SIGINT:
+                self.job.signal(signum)
         elif self.starting:
-            self.pending.append(signum)  # forwarded as soon as Popen returns
+            self.pending.append(signum)  # forwarded as soon as the job has started
         else:
             raise _Interrupted(signum)
 
@@ -150,14 +141,15 @@ class _Runner:
         return restore
 
     def _wait(self, timeout: Optional[float]) -> Optional[int]:
-        """The child's exit status, or ``None`` if it still runs after ``timeout``."""
-        assert self.proc is not None
-        status = self.proc.poll()
+        """The command's exit status, or ``None`` if it still runs after ``timeout``."""
+        assert self.job is not None
+        proc = self.job.proc
+        status = proc.poll()
         if status is not None or timeout == 0 or self.lost:
             return status
         if self.wake_r < 0:
             try:
-                return self.proc.wait(timeout)
+                return proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 return None
         import select
@@ -169,26 +161,35 @@ class _Runner:
             os.read(self.wake_r, 512)
         except BlockingIOError:
             pass
-        return self.proc.poll()
+        return proc.poll()
 
     # -- the hold ------------------------------------------------------------------
     def start(self) -> Optional[int]:
-        """Start the child; an exit code if it could not be started."""
+        """Start the job; an exit code if it could not be started."""
         self.starting = True
         try:
-            self.proc = subprocess.Popen(self.cmd, close_fds=True)
+            self.job = Job.start(self.cmd)
         except OSError as exc:
             self.say(f"cannot run {self.cmd[0]!r}: {exc.strerror or exc}")
             return EX_NOTFOUND if isinstance(exc, FileNotFoundError) else EX_NOEXEC
         finally:
             self.starting = False
         for signum in self.pending:
-            self.proc.send_signal(signum)
+            self.job.signal(signum)
         return None
 
+    def _stop(self, kill_at: float) -> None:
+        """After a loss: wait for the rest of the group, SIGKILL it at ``kill_at``."""
+        assert self.job is not None
+        while self.job.group_alive():
+            if time.monotonic() >= kill_at:
+                self.job.kill()
+                return
+            time.sleep(0.05)  # nothing wakes us when an orphan of the group exits
+
     def supervise(self, item: BrokerLockItem) -> int:
-        """Wait for the child, acting on a lost lease; the exit code to end with."""
-        assert self.proc is not None
+        """Wait for the command, acting on a lost lease; the exit code to end with."""
+        assert self.job is not None
         name = self.cmd[0]
         kill_at: Optional[float] = None
         reported = stopped = False
@@ -203,40 +204,46 @@ class _Runner:
                 # The library has already logged the loss and its reason (one line).
                 reported = True
                 if self.stop_on_loss:
-                    self.say(f"stopping {name!r} (SIGTERM now, SIGKILL in {self.kill_after:g}s): "
-                             "it must not go on without the lock")
-                    self.proc.terminate()
+                    self.say(f"stopping {name!r} and its process group (SIGTERM now, SIGKILL in "
+                             f"{self.kill_after:g}s): it must not go on without the lock")
+                    self.job.signal(signal.SIGTERM)
                     stopped, kill_at = True, time.monotonic() + self.kill_after
                 else:
                     self.say(f"letting {name!r} finish (--on-lost warn), no longer protected by the lock")
             if kill_at is not None and time.monotonic() >= kill_at:
-                self.proc.kill()
+                self.job.kill()
                 kill_at = None
+        if kill_at is not None:
+            self._stop(kill_at)
         code = 128 - status if status < 0 else status
         try:
             item.release()
         except LockLost:
-            if not reported:
-                self.say(f"{name!r} was not protected by the lock to its end "
-                         "(use --keepalive or a longer --ttl)")
             self.lost = True
         except BrokerLockError as exc:
             self.say(f"could not release lock {item.name!r} (it ends with its lease): {exc}")
-        # A job that ran (or went on) without its lock must not look like a success;
-        # a job that failed by itself keeps its own code, which says more.
-        if self.lost and (stopped or code == 0):
-            return EX_TEMPFAIL
-        return code
+        if not self.lost:
+            return code
+        # A job that ran (or went on) without its lock must not look like its own
+        # result, success or failure: a wrapper must be able to tell.
+        if not stopped:
+            hint = "" if self.keepalive else (
+                " (with --no-keepalive the lease must outlast the command: use a longer --ttl)"
+            )
+            self.say(f"{name!r} exited with {code} but was not protected by the lock to its end{hint}; "
+                     f"exiting {self.lost_code}")
+        return self.lost_code
 
 
 def run(
     lock: BrokerLock, name: str, cmd: List[str], *, ttl: Optional[float], timeout: Optional[float],
-    keepalive: bool, stop_on_loss: bool, kill_after: float, conflict_exit_code: int,
-    say: Callable[[str], None],
+    keepalive: bool, stop_on_loss: bool, kill_after: float, conflict_exit_code: int = EX_BUSY,
+    lost_exit_code: int = EX_LOST, say: Callable[[str], None],
 ) -> int:
     """Hold the lock ``name`` while ``cmd`` runs; the exit code ``brokerlock run`` ends with."""
     keepalive = keepalive and ttl is not None
-    runner = _Runner(cmd, keepalive=keepalive, stop_on_loss=stop_on_loss, kill_after=kill_after, say=say)
+    runner = _Runner(cmd, keepalive=keepalive, stop_on_loss=stop_on_loss, kill_after=kill_after,
+                     lost_code=lost_exit_code, say=say)
     item = lock.item(name, ttl=ttl, timeout=timeout, keepalive=keepalive, on_lost=runner.on_lost)
     # A typo in the command should fail at once, not after waiting for the lock.
     code = _check_command(cmd[0])
@@ -266,6 +273,8 @@ def run(
                 f"not running {cmd[0]!r}")
         return 128 + exc.signum
     finally:
+        if runner.job is not None:
+            runner.job.done()
         restore()
 
 

@@ -13,6 +13,7 @@ import stat
 import sys
 import threading
 import time
+import weakref
 from typing import Callable, Dict, Set
 
 from ..._platform import HAVE_FCNTL
@@ -165,6 +166,16 @@ _generation = 0
 def _forked() -> None:
     global _generation
     _generation += 1
+    # And closed in the child at once (those of the parent's other threads went with
+    # their thread states): a child that outlived its parent must not keep a record's
+    # flock alive, taken by a parent killed during an update. Closing the child's copy
+    # cannot drop a flock the parent holds: that ends with the description's last copy.
+    for kept in list(_every_kept):
+        kept._local = threading.local()
+
+
+#: Every KeptFiles, for ``_forked``.
+_every_kept: weakref.WeakSet[KeptFiles] = weakref.WeakSet()
 
 
 if hasattr(os, "register_at_fork"):
@@ -202,6 +213,7 @@ class KeptFiles:
         self._keep, self._opener, self._budget = keep, opener, budget
         self._local = threading.local()
         self._tally: Set[int] = set()  # id() of every kept descriptor, in all threads
+        _every_kept.add(self)
 
     def _open(self) -> Dict[str, _Kept]:
         try:

@@ -1,5 +1,6 @@
-"""What the embedded stores (SQLite, lock files) share: the host's wall clock, the
-process witness, the bells of their waiters and the news of a grant a bell carries."""
+"""What the embedded stores (SQLite, lock files) share: the host's clock (see
+``embedded.clock``), the process witness, the bells of their waiters and the news of a
+grant a bell carries."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Optional
 
 from ..base import Adapter, Lease, Request
+from .clock import BOOT_ID, boot_clock
 from .witness import Witness, witness_for
 
 if TYPE_CHECKING:
@@ -50,14 +52,42 @@ class Renewal:
 
 
 class EmbeddedStore(Adapter):
-    def __init__(self, witness_path: str, bells_dir: str, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
+    def __init__(
+        self, witness_path: str, bells_dir: str, clock: Optional[Callable[[], float]] = None
+    ) -> None:
+        # The store's time: by default the host's boot clock, pinned in the store to
+        # the wall clock once per boot (``_read_pin``); a clock given is used as it is.
+        self._offset: Optional[float] = None
+        self._pinned = clock is None and bool(BOOT_ID)
+        self._clock: Callable[[], float] = (
+            self._pinned_clock if self._pinned else clock if clock is not None else time.time
+        )
         self._witness: Witness = witness_for(witness_path)
         self._bells_dir = bells_dir
         self._bells_made: Optional[Bells] = None
 
     def now(self) -> float:
         return self._clock()
+
+    def _pinned_clock(self) -> float:
+        offset = self._offset
+        if offset is None:
+            offset = self._offset = self._read_pin()
+        return offset + boot_clock()
+
+    def _read_pin(self) -> float:
+        """The offset from the boot clock to the store's time that the store keeps for
+        this boot, pinned now if no process of this boot has yet (``clock.new_pin``)."""
+        raise NotImplementedError
+
+    def on_wall_clock(self, lease: Lease) -> Lease:
+        # The store's time is the wall clock of the moment the boot's pin was taken: it
+        # parts from the wall clock only by the steps the wall clock took since.
+        if not self._pinned:
+            return lease
+        shift = time.time() - self._clock()
+        expires = None if lease.expires_at is None else lease.expires_at + shift
+        return lease._replace(acquired_at=lease.acquired_at + shift, expires_at=expires)
 
     def _granted(self, request: Request, news: bytes) -> Optional[Lease]:
         """The lease that a bell's ``news`` grants ``request``, if the news is of a grant

@@ -157,6 +157,17 @@ def _after_fork_in_child() -> None:
     _registry_mutex = threading.Lock()
     for witness in _registry.values():
         witness._mutex = threading.Lock()
+        # Closed at once, not at the child's first use of the store: the parent's death
+        # wakes the waiters by closing the witness file (its last descriptor), and a child
+        # that kept a copy open would leave them asleep until their safety net. Safe for
+        # the parent: its byte lock is the parent's own (POSIX record locks belong to a
+        # process), which a child's close can neither drop nor keep alive.
+        if witness._fd >= 0:
+            try:
+                os.close(witness._fd)
+            except OSError:
+                pass
+            witness._fd = -1
 
 
 if hasattr(os, "register_at_fork"):

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..._platform import HAVE_FCNTL
 from ...errors import BrokerLockError
 from ..base import Lease, Request
+from ..embedded.clock import BOOT_ID, new_pin, parse_pin, pin_text
 from ..embedded.files import (
     NO_FLOCK,
     O_CLOEXEC,
@@ -68,12 +69,13 @@ class FileAdapter(EmbeddedStore):
     ``directory`` is created ``0700`` if missing; a directory owned by another user, or
     world-writable without the sticky bit, is refused. File names are hashes of the lock
     names, which are kept inside the files. POSIX only (``flock``): on Windows it raises
-    :class:`~brokerlock.BrokerLockError`; use :class:`SQLiteAdapter` there. ``clock``
-    exists for tests.
+    :class:`~brokerlock.BrokerLockError`; use :class:`SQLiteAdapter` there. Leases are
+    counted on the host's boot clock, so wall-clock steps move none (see the clocks
+    page); ``clock`` replaces that clock, for tests.
     """
 
     def __init__(
-        self, directory: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
+        self, directory: str | os.PathLike[str], *, clock: Optional[Callable[[], float]] = None
     ) -> None:
         if not HAVE_FCNTL:
             raise BrokerLockError(NO_FLOCK)
@@ -87,6 +89,24 @@ class FileAdapter(EmbeddedStore):
         )
         self._paths: Dict[str, str] = {}
         self._high_water = HighWater(os.path.join(self.directory, "fence"), _MARKS)
+
+    def _read_pin(self) -> float:
+        """The store's clock for this boot, in the file ``clock`` (see ``embedded.clock``)."""
+        path = os.path.join(self.directory, "clock")
+        fd = open_private(path, os.O_RDWR)
+        try:
+            lock_briefly(fd, path)
+            pin = parse_pin(read_at(fd, 256, 0).decode("ascii", "replace"))
+            if pin is None or pin[0] != BOOT_ID:
+                pin = new_pin()
+                data = pin_text(*pin).encode("ascii")
+                write_at(fd, data, 0)
+                os.ftruncate(fd, len(data))
+            return pin[1]
+        except OSError as exc:
+            raise BrokerLockError(f"{self.url}: could not read the store's clock in {path}: {exc}") from None
+        finally:
+            os.close(fd)  # (the flock goes with it)
 
     # -- one record under its flock ----------------------------------------------
     def _path(self, name: str) -> str:

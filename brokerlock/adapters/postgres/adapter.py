@@ -358,6 +358,10 @@ class PostgresAdapter(Adapter):
         rows = self._run("list the locks", lambda c: c.execute(self._sql["list"]).fetchall())
         return [self._lease(row) for row in rows]
 
+    def watch(self, name: str, token: str, on_gone: Callable[[str], None]) -> Callable[[], None]:
+        # Every lease of this process on the server lives by one presence connection.
+        return self._presence.watch(on_gone)
+
     def force_release(self, name: str) -> bool:
         params = {"name": name, "prefix": CHANNEL_PREFIX}
         return self._pool.rows(f"break {name!r}", self._hot["force"], params).ntuples > 0

@@ -9,12 +9,14 @@ in ``pg_locks``, without trusting PIDs or clocks. It is ``embedded.witness`` for
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 from ..._log import log
+from ..watch import Listeners, OnGone, watch_socket
 
 if TYPE_CHECKING:
     import psycopg
@@ -30,25 +32,81 @@ class _Presence:
         self._conn: Optional[psycopg.Connection[Any]] = None
         self._pid = -1
         self.key = 0
+        # The holds taken under the current session, and the stop of its watch.
+        self._listeners = Listeners()
+        self._stop_watch: Callable[[], None] = lambda: None
+        self._retired: Optional[Listeners] = None  # to be told, outside the mutex
+        self.server = "PostgreSQL"
 
     def current(self) -> int:
-        with self._mutex:
-            if self._pid != os.getpid() or self._conn is None or self._conn.closed:
-                self._establish()
-            return self.key
+        try:
+            with self._mutex:
+                if self._pid != os.getpid() or self._conn is None or self._conn.closed:
+                    self._establish()
+                return self.key
+        finally:
+            self._tell_retired()
 
     def renew(self, stale: int) -> None:
         """Replace a session that is gone (its key no longer granted)."""
+        try:
+            with self._mutex:
+                if self.key == stale or self._pid != os.getpid():
+                    self._establish()
+        finally:
+            self._tell_retired()
+
+    def watch(self, on_gone: OnGone) -> Callable[[], None]:
+        """Call ``on_gone(why)`` once the session that leases are now written under
+        has ended (at once if it already has); returns the un-watch."""
         with self._mutex:
-            if self.key == stale or self._pid != os.getpid():
-                self._establish()
+            listeners = self._listeners
+            if self._conn is None or self._pid != os.getpid():
+                listeners = Listeners()  # it has gone, and perhaps failed to come back
+                listeners.why = f"this process's presence session on {self.server} failed"
+        return listeners.add(on_gone)
+
+    def _tell_retired(self) -> None:
+        with self._mutex:
+            retired, self._retired = self._retired, None
+        if retired is not None:
+            retired.fire(f"this process's presence session on {self.server} failed")
+
+    def _probe(self, conn: psycopg.Connection[Any]) -> Optional[bool]:
+        """In the watch thread: the presence socket became readable (the server says
+        something before it closes the session, or just closes it)."""
+        with self._mutex:
+            if self._conn is not conn:
+                return None  # replaced or closed by us
+            try:
+                conn.execute("SELECT 1")  # also takes in a notice or a parameter change
+                return True
+            except Exception as exc:
+                why = exc
+            listeners = self._listeners
+            self._conn = None  # current() opens a new session (a new key) for the next acquire
+        listeners.fire(
+            f"{self.server} ended this process's presence session (pg_terminate_backend, a "
+            f"restart, a proxy: {str(why).strip()}), which frees its locks at once"
+        )
+        try:
+            conn.close()
+        except Exception as exc:
+            log.debug("closing the dead presence session: %s", exc)
+        return False
 
     def _establish(self) -> None:
+        if self._pid == os.getpid():
+            # Stopped before the close: the thread must not select on a reused number.
+            self._stop_watch()
+            self._retired = self._listeners
         if self._conn is not None and self._pid == os.getpid():
             # A new key, never the old one: leases written under the old key were
             # free for the taking while it lapsed, so they must stay dead.
             self._conn.close()
-        self._conn = None  # a fork child's copy is the parent's: never close it
+        # A fork child's copies are the parent's: never close them, never stop the
+        # parent's watch, never call the parent's listeners.
+        self._conn, self._stop_watch, self._listeners = None, lambda: None, Listeners()
         conn = self._connect()
         try:
             # Let the server notice a vanished host within ~25 s, and never drop
@@ -67,6 +125,10 @@ class _Presence:
             conn.close()
             raise
         self._conn, self._pid, self.key = conn, os.getpid(), key
+        self.server = f"PostgreSQL at {conn.info.host}:{conn.info.port}"
+        self._stop_watch = watch_socket(
+            conn.fileno(), functools.partial(self._probe, conn), f"PostgreSQL presence {conn.info.port}"
+        )
         log.debug("presence session holds advisory key %d", key)
 
 

@@ -298,6 +298,10 @@ class RedisAdapter(Adapter):
                 leases.append(lease)
         return sorted(leases, key=lambda lease: lease.name)
 
+    def watch(self, name: str, token: str, on_gone: Callable[[str], None]) -> Callable[[], None]:
+        # Every lease of this process on the server lives by one presence connection.
+        return self._presence.watch(on_gone)
+
     def force_release(self, name: str) -> bool:
         broken = self._script(
             f"break {name!r}", self._force,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -27,6 +26,7 @@ from ..embedded.files import ensure_private_dir
 from ..embedded.store import EmbeddedStore, Renewal, entry_life, grant_news
 from . import sql
 from .conn import SQLiteConnections, _OutOfTime, _prepare_database_file
+from .pool import Pool
 
 #: How long a waiter's place without a witness mark lasts unless renewed (see
 #: ``embedded.store.entry_life``).
@@ -38,13 +38,15 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
 
     ``path`` names the database, created (with its directory, ``0700``) if missing;
     beside it live ``<path>-witness`` and the ``<path>-bells`` directory. Keep it on a
-    local disk, not NFS. ``clock`` (seconds since the epoch) exists for tests.
+    local disk, not NFS. Leases are counted on the host's boot clock, so wall-clock steps
+    move none (see the clocks page); ``clock`` (seconds since the epoch) replaces that
+    clock, for tests.
     ``ValueError`` for ``":memory:"`` or a ``file:`` URI, :class:`~brokerlock.BrokerLockError`
     when the database cannot be opened or is not one.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time
+        self, path: str | os.PathLike[str], *, clock: Optional[Callable[[], float]] = None
     ) -> None:
         path = os.fspath(path)
         if not isinstance(path, str) or not path or path == ":memory:" or path.startswith("file:"):
@@ -56,10 +58,14 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
         directory = ensure_private_dir(directory)
         self.path = os.path.join(os.path.realpath(directory), base)
         self.url = "sqlite:///" + self.path
-        self._local = threading.local()
+        self._pool = Pool()
         _prepare_database_file(self.path)
         super().__init__(self.path + "-witness", self.path + "-bells", clock)
         self._run("open the database", lambda conn: None)
+
+    def _read_pin(self) -> float:
+        # (Every new connection reads it too: see sqlite.conn.)
+        return float(self._run("read the store's clock", self._pin))
 
     def _params(self, request: Request) -> dict[str, Any]:
         now = self._clock()
@@ -112,7 +118,7 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
     def _take_if_free(self, request: Request, params: Dict[str, Any]) -> Optional[Lease]:
         """The common case, a free lock, in one statement without the retry machinery;
         a busy or failing store raises, for the caller's careful path to retry or report."""
-        row = self._conn().execute(sql.ACQUIRE_NEW, params).fetchone()
+        row = self._execute(sql.ACQUIRE_NEW, params)
         return None if row is None else self._new_lease(request, params, int(row[0]))
 
     def _try_acquire(self, request: Request, deadline: Optional[float]) -> Optional[Lease]:
@@ -356,11 +362,21 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
     def _release(self, name: str, params: Dict[str, Any], action: str) -> Optional[Tuple[Any, ...]]:
         """The common release in one statement (sql.RELEASE): the row, if it matched."""
         try:  # without the retry machinery
-            row = self._conn(check_file=False).execute(sql.RELEASE, params).fetchone()
+            row, same_file = self._execute_then_look(sql.RELEASE, params)
         except (sqlite3.Error, OSError):  # busy (the statement did nothing) or a fault:
             row = self._run(  # retried or reported there
                 f"{action} {name!r}", lambda conn: conn.execute(sql.RELEASE, params).fetchone()
             )
+            same_file = True  # (_run looked at the file before the statement)
+        if row is not None and not same_file:
+            # The release ran in a file that is no longer the store (deleted or replaced
+            # under us): the lease it cleared was nobody's to rely on, and a newcomer may
+            # hold the lock in the new file. The caller hears LockLost (the careful way
+            # finds no lease of its own there); a waiter it granted in the ghost file is
+            # woken without news, to look in the new file.
+            if row[1] is not None and row[5]:
+                self._bells.ring(row[5])
+            return None
         if row is None or row[1] is None:
             return row  # type: ignore[no-any-return]  # (None: the careful way)
         expires_at, waiter, fence, acquired_at, witness, bell = row

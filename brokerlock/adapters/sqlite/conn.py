@@ -1,7 +1,7 @@
-"""The SQLite store's connections: one per thread, made anew after fork() or when the
-database file was deleted or replaced; WAL and the schema set up safely when many
-processes open a store at once; statements retried while SQLite is busy, and errors
-reported in the store's words.
+"""The SQLite store's connections: lent from a small pool (see ``sqlite.pool``), made
+anew after fork() or when the database file was deleted or replaced; WAL and the
+schema set up safely when many processes open a store at once; statements retried
+while SQLite is busy, and errors reported in the store's words.
 """
 
 from __future__ import annotations
@@ -10,14 +10,15 @@ import os
 import random
 import sqlite3
 import stat
-import threading
 import time
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, Callable, Dict, NoReturn, Optional, Tuple
 
 from ..._log import log
 from ...errors import BrokerLockError
+from ..embedded.clock import BOOT_ID, new_pin
 from ..embedded.files import YIELDS, open_private, yield_cpu
 from . import sql
+from .pool import Pool, Slot
 
 
 class _OutOfTime(Exception):
@@ -63,38 +64,63 @@ def _prepare_database_file(path: str) -> None:
 
 class SQLiteConnections:
     """The connection plumbing of :class:`SQLiteAdapter` (a mixin: it needs ``path``,
-    ``url`` and a ``threading.local`` in ``_local``)."""
+    ``url`` and a :class:`~.pool.Pool` in ``_pool``)."""
 
     path: str
     url: str
-    _local: threading.local
+    _pool: Pool
+    _pinned: bool
+    _offset: Optional[float]
 
-    def _conn(self, check_file: bool = True) -> sqlite3.Connection:
-        """This thread's connection, made anew after fork() or when the database file
+    def _borrow(self) -> Tuple[Pool, Slot]:
+        """A slot of this process's pool; give it back with ``_give_back``."""
+        pool = self._pool
+        if pool.pid != os.getpid():
+            # Forked: the parent's connections are not the child's to use (SQLite's
+            # lock bookkeeping of a process does not survive fork()).
+            pool = self._pool = Pool()
+        return pool, pool.take()
+
+    def _give_back(self, pool: Pool, slot: Slot) -> None:
+        conn = slot.conn
+        if conn is not None and conn.in_transaction:
+            # Left open by an exception inside a transaction: the next borrower must
+            # not run its statements in it.
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                slot.close()
+        if pool is self._pool:
+            pool.give_back(slot)
+        elif pool.pid == os.getpid():
+            slot.close()  # the adapter was closed while the slot was lent
+
+    def _ready(self, slot: Slot, check_file: bool = True) -> sqlite3.Connection:
+        """The slot's connection, made anew when it has none, or when the database file
         was deleted or replaced: a connection keeps the old inode open, and locks taken
         in a ghost file would exclude nobody.
 
-        Without ``check_file`` the file is not looked at (a stat() is a tenth of a
-        release): a release only clears the caller's own lease, and a file replaced
-        under it holds no lease of the caller's to clear.
+        Without ``check_file`` the file is not looked at: a release looks after its
+        statement instead (``_same_file``), which also catches a swap during it.
         """
-        conn: Optional[sqlite3.Connection] = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == os.getpid():
+        conn = slot.conn
+        if conn is not None:
             if not check_file:
                 return conn
             try:
-                info = os.stat(self.path)
+                info: Optional[os.stat_result] = os.stat(self.path)
             except OSError:
                 info = None
-            if info is not None and info.st_ino == self._local.ino and info.st_dev == self._local.dev:
+            if info is not None and info.st_ino == slot.ino and info.st_dev == slot.dev:
                 return conn
-            log.warning("database %s was deleted or replaced; reconnecting", self.path)
-            conn.close()
-        # (A connection inherited across fork() is dropped unclosed: it is the parent's.)
+            if self._pool.reported != (slot.dev, slot.ino):
+                self._pool.reported = (slot.dev, slot.ino)
+                log.warning("database %s was deleted or replaced; reconnecting", self.path)
+            slot.close()
         _prepare_database_file(self.path)
-        conn = sqlite3.connect(
-            self.path, timeout=0, isolation_level=None, check_same_thread=True
-        )
+        # check_same_thread off: a pooled connection serves one thread at a time, but
+        # not always the same one.
+        conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA synchronous=NORMAL")
             self._setup(conn)
@@ -102,9 +128,37 @@ class SQLiteConnections:
         except BaseException:
             conn.close()
             raise
-        self._local.conn, self._local.pid = conn, os.getpid()
-        self._local.dev, self._local.ino = info.st_dev, info.st_ino
+        slot.conn, slot.dev, slot.ino = conn, info.st_dev, info.st_ino
         return conn
+
+    def _same_file(self, slot: Slot) -> bool:
+        """Whether the slot's connection is to the file now at the store's path; looked
+        at *after* a statement, it proves the statement changed the live store."""
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return False
+        return info.st_ino == slot.ino and info.st_dev == slot.dev
+
+    def _execute(self, text: str, params: Dict[str, Any]) -> Any:
+        """One statement and its first row, without the retry machinery: a busy or
+        failing store raises (``sqlite3.Error``, ``OSError``) for the caller's careful
+        path to retry or report."""
+        pool, slot = self._borrow()
+        try:
+            return self._ready(slot).execute(text, params).fetchone()
+        finally:
+            self._give_back(pool, slot)
+
+    def _execute_then_look(self, text: str, params: Dict[str, Any]) -> Tuple[Any, bool]:
+        """Like ``_execute``, without looking at the file first; and whether the file the
+        statement changed was still the store's after it (see ``_same_file``)."""
+        pool, slot = self._borrow()
+        try:
+            row = self._ready(slot, check_file=False).execute(text, params).fetchone()
+            return row, self._same_file(slot)
+        finally:
+            self._give_back(pool, slot)
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         """WAL and the schema, idempotent and safe when many processes start at once.
@@ -137,6 +191,8 @@ class SQLiteConnections:
                     except BaseException:
                         conn.execute("ROLLBACK")
                         raise
+                if self._pinned:
+                    self._offset = self._pin(conn)
                 return
             except sqlite3.OperationalError as exc:
                 if not _busy(exc) or time.monotonic() > give_up:
@@ -144,11 +200,38 @@ class SQLiteConnections:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.1)
 
+    def _pin(self, conn: sqlite3.Connection) -> float:
+        """The store's offset from the boot clock for this boot, pinned if no process of
+        this boot has yet (see ``embedded.clock``); read with each new connection, so a
+        store made anew (deleted, replaced) is read anew."""
+        row = conn.execute(sql.READ_PIN).fetchone()
+        if row is None or row[0] != BOOT_ID:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if _busy(exc):
+                    raise
+                # A store we may only read (brokerlock status as another user): our
+                # own pin, the wall clock of now, is as good as any for looking.
+                return new_pin()[1]
+            try:
+                row = conn.execute(sql.READ_PIN).fetchone()
+                if row is None or row[0] != BOOT_ID:
+                    row = new_pin()
+                    conn.execute(sql.WRITE_PIN, row)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return float(row[1])
+
     def _run(
         self, action: str, fn: Callable[[sqlite3.Connection], Any], deadline: Optional[float] = None
     ) -> Any:
-        """Run ``fn`` on this thread's connection; retry it while SQLite is busy, for up
-        to BUSY_TIMEOUT or until the monotonic ``deadline`` of the caller's wait.
+        """Run ``fn`` on a connection of the pool; retry it while SQLite is busy, for up
+        to BUSY_TIMEOUT or until the monotonic ``deadline`` of the caller's wait. ``fn``
+        must not borrow another connection (a pool with every slot lent to borrowers
+        that wait for one more would wait for ever).
 
         SQLite's own busy handler sleeps 1, 2, 5, 10... ms between tries: each time two
         writers meet, a hand-over would cost milliseconds. Our writers hold the write
@@ -160,50 +243,50 @@ class SQLiteConnections:
         give_up = 0.0
         tries = 0
         while True:
+            pool, slot = self._borrow()
             try:
-                return fn(self._conn())
+                return fn(self._ready(slot))
             except sqlite3.OperationalError as exc:
                 if not _busy(exc):
-                    self._fail(action, exc)
-                now = time.monotonic()
-                if not give_up:
-                    give_up = now + BUSY_TIMEOUT
-                if deadline is not None and now > deadline:
-                    raise _OutOfTime from None
-                if now > give_up:
-                    self._fail(action, exc)
-                tries += 1
-                if tries <= YIELDS:
-                    # The writer in our way is most likely done within microseconds.
-                    yield_cpu()
-                    continue
-                time.sleep(delay * random.uniform(0.5, 1.5))
-                delay = min(delay * 2, 0.005)
+                    self._fail(action, exc, slot)
+                busy = exc
             except sqlite3.DatabaseError as exc:
-                self._fail(action, exc)
+                self._fail(action, exc, slot)
             except OSError as exc:
                 raise BrokerLockError(f"{self.url}: could not {action}: {exc}") from None
+            finally:
+                self._give_back(pool, slot)
+            # Busy: the connection went back to the pool while we back off.
+            now = time.monotonic()
+            if not give_up:
+                give_up = now + BUSY_TIMEOUT
+            if deadline is not None and now > deadline:
+                raise _OutOfTime from None
+            if now > give_up:
+                self._fail(action, busy, None)
+            tries += 1
+            if tries <= YIELDS:
+                # The writer in our way is most likely done within microseconds.
+                yield_cpu()
+                continue
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 0.005)
 
-    def _fail(self, action: str, exc: sqlite3.DatabaseError) -> NoReturn:
+    def _fail(self, action: str, exc: sqlite3.DatabaseError, slot: Optional[Slot]) -> NoReturn:
         """Report a database error, naming the store and what we were doing."""
         # A connection that met a fault (a read-only or damaged file, a full disk) can
         # keep its view of it; the next call starts afresh, so that it works as soon as
-        # the fault is repaired.
-        self._drop_connection()
+        # the fault is repaired. (The idle ones too: they may have met it unnoticed.)
+        if slot is not None:
+            slot.close()
+        if self._pool.pid == os.getpid():
+            self._pool.close_idle()
         message = str(exc)
         if "not a database" in message or "malformed" in message:
             message = f"{message} (is {self.path} an SQLite database brokerlock may use?)"
         raise BrokerLockError(f"{self.url}: could not {action}: {message}") from None
 
-    def _drop_connection(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None and self._local.pid == os.getpid():
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
-
     def close(self) -> None:
-        self._drop_connection()
-        self._local = threading.local()
+        pool, self._pool = self._pool, Pool()
+        if pool.pid == os.getpid():
+            pool.close_idle()  # (those lent at the moment are closed when given back)

@@ -93,7 +93,17 @@ CREATE TRIGGER IF NOT EXISTS brokerlock_granted AFTER UPDATE OF token ON brokerl
 WHEN NEW.token IS NOT NULL
 BEGIN DELETE FROM brokerlock_waiters WHERE name = NEW.name AND token = NEW.token; END
 """,
+    # The store's clock for the current boot of the host (see embedded.clock): one row.
+    """
+CREATE TABLE IF NOT EXISTS brokerlock_clock (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    boot TEXT NOT NULL,
+    wall_minus_boot REAL NOT NULL
 )
+""",
+)
+READ_PIN = "SELECT boot, wall_minus_boot FROM brokerlock_clock WHERE id = 0"
+WRITE_PIN = "INSERT OR REPLACE INTO brokerlock_clock (id, boot, wall_minus_boot) VALUES (0, ?, ?)"
 COLUMNS = "name, token, fence, acquired_at, expires_at, host, pid, thread, witness"
 FREE = "(brokerlock_locks.token IS NULL OR brokerlock_locks.expires_at <= :now)"
 #: A newcomer never overtakes a waiter: the queue must be empty for it.
@@ -213,6 +223,7 @@ SCHEMA_NAMES = (
     "brokerlock_fence_kept",
     "brokerlock_freed",
     "brokerlock_left",
+    "brokerlock_clock",
 )
 #: How many of SCHEMA_NAMES exist, plus 1 for each table that has its newest column: a
 #: store that is complete answers ``len(SCHEMA_NAMES) + 2``.
