@@ -42,7 +42,7 @@ def records(adapter: Adapter) -> int:
         for key in client.scan_iter(match=prefix + "*", count=1000):
             kind, _, rest = key.decode()[len(prefix):].partition(":")
             if kind == "signal":
-                rest = rest.rpartition(":")[0]
+                continue  # a waiter's wake-up list: it expires by itself in seconds
             if rest:  # (not the store's one fence counter, "fences")
                 names.add(rest[: -len("|want")] if rest.endswith("|want") else rest)
         return len(names)
