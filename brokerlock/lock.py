@@ -133,20 +133,24 @@ class BrokerLock:
 
     def __init__(self, adapter: Optional[Adapter] = None) -> None:
         if adapter is None:
-            from .urls import adapter_from_url, default_url
+            from .urls import default_adapter
 
-            adapter = adapter_from_url(default_url())
+            adapter = default_adapter()
         if not isinstance(adapter, Adapter):
             raise TypeError(f"BrokerLock needs an adapter, not {type(adapter).__name__}: {adapter!r}")
         self.adapter = adapter
 
     @classmethod
     def from_url(cls, url: str) -> BrokerLock:
-        """The store a URL names: ``sqlite:///relative.db``, ``sqlite:////absolute.db``,
-        ``file:///absolute/dir``, ``memory://`` (a fresh private store),
+        """The store a URL names: ``sqlite:////absolute.db`` (or ``sqlite:/absolute.db``),
+        ``sqlite:///relative.db``, ``file:///absolute/dir``, ``memory://`` (a fresh
+        private store),
         ``redis://[user:password@]host:6379/0`` (``rediss://`` for TLS,
         ``?prefix=`` for the keys), ``postgresql://user:password@host/db``
         (``postgres://``; ``?table=`` for the table).
+
+        Relative paths and ``memory://`` are for programs: the command line refuses
+        them (see docs/urls.rst).
 
         ``ValueError`` naming the URL when it names no store, ``TypeError`` if it is
         not a ``str``, :class:`~brokerlock.BrokerLockError` when the store cannot be

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from sandbox import pytest_sessionfinish, pytest_sessionstart  # noqa: F401  (session hooks)
-from servers import postgres_server, redis_server  # noqa: F401  (session fixtures)
+from servers import pgbouncer, postgres_server, redis_server  # noqa: F401  (session fixtures)
 from stores import STORES, StoreFactory
 
 from brokerlock import Adapter

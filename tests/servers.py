@@ -240,3 +240,72 @@ def postgres_server() -> Iterator[PostgresServer]:
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+class PgBouncer(Server):
+    """pgbouncer in front of the test PostgreSQL, in the given pool mode."""
+
+    name = "pgbouncer"
+
+    def __init__(self, binary: str, workdir: str, postgres: PostgresServer, mode: str) -> None:
+        super().__init__(workdir)
+        self.binary, self.postgres, self.mode = binary, postgres, mode
+        self.name = f"pgbouncer-{mode}"
+        self.log = os.path.join(workdir, f"{self.name}.log")
+        self.config = os.path.join(workdir, f"{self.name}.ini")
+        users = os.path.join(workdir, "users.txt")
+        with open(users, "w") as f:
+            f.write('"postgres" ""\n')
+        with open(self.config, "w") as f:
+            f.write(
+                "[databases]\n"
+                f"postgres = host=127.0.0.1 port={postgres.port} dbname=postgres user=postgres\n"
+                "[pgbouncer]\n"
+                f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+                f"auth_type = trust\nauth_file = {users}\npool_mode = {mode}\n"
+                "default_pool_size = 10\nmax_client_conn = 200\n"
+                "ignore_startup_parameters = extra_float_digits,options\n"
+            )
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def popen_options(self) -> Dict[str, Any]:
+        return self.postgres.popen_options()  # (pgbouncer refuses to run as root too)
+
+    def command(self) -> List[str]:
+        return [self.binary, self.config]
+
+    def ready(self) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.dsn, connect_timeout=2) as conn:
+                conn.execute("SELECT 1")
+            return True
+        except psycopg.OperationalError:
+            return False
+
+
+@pytest.fixture(scope="session", params=["transaction", "session"])
+def pgbouncer(request: pytest.FixtureRequest, postgres_server: PostgresServer) -> Iterator[PgBouncer]:
+    """pgbouncer (Debian's package) in transaction mode, then in session mode."""
+    binary = shutil.which("pgbouncer") or (
+        "/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None
+    )
+    if binary is None:
+        need("pgbouncer", "install it (apt-get install pgbouncer) to run the pooler tests")
+    assert binary is not None
+    workdir = _workdir(postgres_server.user)
+    bouncer = PgBouncer(binary, workdir, postgres_server, request.param)
+    if postgres_server.user is not None:
+        info = pwd.getpwnam(postgres_server.user)
+        for path in (bouncer.config, os.path.join(workdir, "users.txt")):
+            os.chown(path, info.pw_uid, info.pw_gid)
+    try:
+        bouncer.start()
+        yield bouncer
+    finally:
+        bouncer.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -303,3 +303,36 @@ def test_postgres_statements_never_carry_the_name(request: pytest.FixtureRequest
     lock.close()
     assert any(table in query for query in seen), seen  # we did look at our statements
     assert not [q for q in seen if "marker" in q], "a lock name was spliced into SQL"
+
+
+# -- group-shared directories (the multi-user tests: tests/test_shared_store.py) ---------
+
+
+@pytest.mark.parametrize("store", ["sqlite", "file"])
+def test_a_group_shared_directory_gets_group_files_whatever_the_umask(store: str, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2770)
+    old = os.umask(0o077)
+    try:
+        lock = BrokerLock(
+            SQLiteAdapter(shared / "locks.sqlite3") if store == "sqlite" else FileAdapter(shared / "files")
+        )
+        _exercise(lock)
+        made = list(shared.rglob("*"))
+        assert made
+        for path in made:
+            assert path.stat().st_gid == shared.stat().st_gid, path
+            assert _mode(path) == (0o2770 if path.is_dir() else 0o660), (path, oct(_mode(path)))
+        lock.close()
+    finally:
+        os.umask(old)
+
+
+def test_a_group_shared_directory_open_to_the_world_is_still_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "open"
+    directory.mkdir()
+    directory.chmod(0o2777)
+    with pytest.raises(BrokerLockError, match="world-writable"):
+        SQLiteAdapter(directory / "locks.sqlite3")
+    assert list(directory.iterdir()) == []

@@ -95,8 +95,9 @@ example:
 
 _MAIN_EPILOG = """\
 The store is --url, else $BROKERLOCK_URL, else an SQLite database in the user's
-state directory. URLs: sqlite:///relative.db, sqlite:////absolute.db,
-file:///lock/dir, redis://host:6379/0, postgresql://host/db.
+state directory. URLs: sqlite:////absolute/locks.db (or sqlite:/absolute/locks.db),
+file:///lock/dir, redis://host:6379/0, postgresql://host/db. Paths must be
+absolute; memory:// is refused (it would lock nothing between processes).
 
 Run 'brokerlock COMMAND --help' for examples.
 """
@@ -219,8 +220,16 @@ def _duration(text: str, option: str, allow_none: bool) -> Optional[float]:
 
 def _open(url: Optional[str]) -> BrokerLock:
     from ..lock import BrokerLock
+    from ..urls import ENV_URL, check_cli_url
 
-    return BrokerLock() if url is None else BrokerLock.from_url(url)
+    source = "--url"
+    if url is None:
+        url = os.environ.get(ENV_URL, "").strip() or None
+        source = "$" + ENV_URL
+    if url is None:
+        return BrokerLock()  # the per-user default store
+    check_cli_url(url, source)
+    return BrokerLock.from_url(url)
 
 
 def _shown(text: object) -> str:

@@ -24,7 +24,7 @@ import threading
 from typing import Dict, Optional
 
 from ..._platform import HAVE_WITNESS
-from ...errors import BrokerLockError
+from .files import open_private
 
 _RANDOM = random.SystemRandom()
 
@@ -89,17 +89,7 @@ class Witness:
             # closing our copy cannot drop the parent's lock (it is the parent's).
             os.close(self._fd)
             self._fd = -1
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-        try:
-            fd = os.open(self.path, flags, 0o600)
-        except OSError as exc:
-            # Every store failure is a BrokerLockError, naming the file and why.
-            why = (
-                "it is a symbolic link, which a witness file never is"
-                if os.path.islink(self.path)
-                else exc.strerror
-            )
-            raise BrokerLockError(f"refusing to open witness file {self.path}: {why}") from None
+        fd = open_private(self.path, os.O_RDWR)  # (a BrokerLockError naming file and cause)
         for _ in range(16):
             offset = _RANDOM.randrange(1, 1 << 62)
             try:

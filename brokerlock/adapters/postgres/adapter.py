@@ -81,9 +81,18 @@ SCHEMA_LOCK = 0x62726F6B65726C6B  # "brokerlk"
 def _driver() -> Any:
     try:
         import psycopg
-    except ImportError:
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "psycopg":
+            raise BrokerLockError(
+                "PostgresAdapter needs the psycopg package: pip install brokerlock[postgres]"
+            ) from None
+        # psycopg is there but cannot load libpq, PostgreSQL's client library; its
+        # message (a list of attempts) is the cause, in one line.
+        why = "; ".join(line.strip("- ").strip() for line in str(exc).splitlines() if line.strip())
         raise BrokerLockError(
-            "PostgresAdapter needs the psycopg package: pip install brokerlock[postgres]"
+            "PostgresAdapter: psycopg cannot load libpq, the PostgreSQL client library "
+            f"({why}): install it (Debian/Ubuntu: apt-get install libpq5; Fedora: dnf "
+            "install libpq), or pip install 'psycopg[binary]', which bundles it"
         ) from None
     return psycopg
 

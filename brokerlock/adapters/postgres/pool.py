@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: duplicate_prepared_statement, invalid_sql_statement_name: what our prepared
+#: statements meet behind a pooler in transaction mode.
+_POOLED_STATEMENTS = ("42P05", "26000")
+
 _PLACEHOLDER = re.compile(rb"%\((\w+)\)s")
 
 
@@ -99,6 +103,12 @@ class Pool:
 
     def error(self, action: str, exc: BaseException) -> BrokerLockError:
         message = str(exc).strip() or type(exc).__name__
+        if getattr(exc, "sqlstate", None) in _POOLED_STATEMENTS and "brokerlock_" in message:
+            # Our named statements met in a session that did not prepare them, or
+            # missing from one that did: the session is not ours from one call to the next.
+            from .presence import TRANSACTION_POOLING
+
+            message = f"{message.splitlines()[0]} ({TRANSACTION_POOLING})"
         return BrokerLockError(f"PostgreSQL at {self.server}: could not {action}: {message}")
 
     def run(self, action: str, fn: Callable[[psycopg.Connection[Any]], T]) -> T:

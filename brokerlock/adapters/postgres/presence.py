@@ -13,6 +13,7 @@ import functools
 import os
 import secrets
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 from ..._log import log
@@ -118,9 +119,14 @@ class _Presence:
                 conn.execute("SET idle_session_timeout = 0")
             while True:
                 key = secrets.randbits(63) or 1
-                row = conn.execute("SELECT pg_try_advisory_lock(%s::int8)", (key,)).fetchone()
+                row = conn.execute(
+                    "SELECT pg_try_advisory_lock(%s::int8), pg_backend_pid()", (key,)
+                ).fetchone()
                 if row is not None and row[0]:
                     break
+            if row[1] != conn.info.backend_pid:
+                # Not the server process libpq was told of at connection: a pooler.
+                _refuse_transaction_pooling(self._connect, int(row[1]), conn)
         except BaseException:
             conn.close()
             raise
@@ -130,6 +136,54 @@ class _Presence:
             conn.fileno(), functools.partial(self._probe, conn), f"PostgreSQL presence {conn.info.port}"
         )
         log.debug("presence session holds advisory key %d", key)
+
+
+#: How long the pooler probe waits for an answer before it leaves the question open.
+PROBE_PATIENCE = 5.0
+
+#: What to say when a pooler shares server sessions between transactions.
+TRANSACTION_POOLING = (
+    "a connection pooler in transaction pooling mode (pgbouncer's pool_mode = transaction "
+    "or statement) stands between brokerlock and PostgreSQL; brokerlock needs sessions of "
+    "its own (session-level advisory locks, LISTEN, prepared statements), which such a "
+    "pooler hands to other clients between transactions: connect brokerlock to PostgreSQL "
+    "directly, or through a pool in session mode (pool_mode = session)"
+)
+
+
+def _refuse_transaction_pooling(
+    connect: Callable[[], psycopg.Connection[Any]], backend: int, conn: psycopg.Connection[Any]
+) -> None:
+    """Behind a pooler, raise ``BrokerLockError`` if it shares server sessions between
+    transactions: a second session of ours lands on the server process ``backend`` that
+    our first one used, which is idle between its transactions now. In session mode
+    that process stays ours as long as the first session lives."""
+    import select
+
+    from ...errors import BrokerLockError
+
+    probe = connect()
+    try:
+        pgconn = probe.pgconn
+        pgconn.send_query(b"SELECT pg_backend_pid()")
+        deadline = time.monotonic() + PROBE_PATIENCE
+        while True:
+            pgconn.consume_input()
+            if not pgconn.is_busy():
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:  # (a session pool that is full, maybe): no verdict
+                log.debug("pooler probe got no answer within %.0fs", PROBE_PATIENCE)
+                return
+            select.select([pgconn.socket], [], [], remaining)
+        result = pgconn.get_result()
+        value = None if result is None else result.get_value(0, 0)
+    finally:
+        probe.close()
+    if value is not None and int(value) == backend:
+        server = f"{conn.info.host}:{conn.info.port}"
+        raise BrokerLockError(f"PostgreSQL at {server}: {TRANSACTION_POOLING}")
+    log.debug("a connection pooler in session mode: fine")
 
 
 _presences: Dict[str, _Presence] = {}

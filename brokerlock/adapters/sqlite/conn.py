@@ -6,17 +6,19 @@ while SQLite is busy, and errors reported in the store's words.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import sqlite3
 import stat
+import sys
 import time
-from typing import Any, Callable, Dict, NoReturn, Optional, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
 from ..._log import log
 from ...errors import BrokerLockError
 from ..embedded.clock import BOOT_ID, new_pin
-from ..embedded.files import YIELDS, open_private, yield_cpu
+from ..embedded.files import YIELDS, io_error, is_shared_dir, open_private, yield_cpu
 from . import sql
 from .pool import Pool, Slot
 
@@ -43,6 +45,8 @@ def _prepare_database_file(path: str) -> None:
     holds on it, including those of another adapter's open connection (then SQLite
     reports "disk I/O error", or worse, two writers meet).
     """
+    if is_shared_dir(os.path.dirname(path)):
+        _precreate_journals(path)
     try:
         info = os.lstat(path)
     except FileNotFoundError:
@@ -53,13 +57,64 @@ def _prepare_database_file(path: str) -> None:
                 raise  # not the benign race of two adapters creating it at once
         return
     except OSError as exc:
-        raise BrokerLockError(f"cannot use database {path}: {exc.strerror}") from None
+        raise io_error("use database", path, exc) from None
     if stat.S_ISLNK(info.st_mode):
         raise BrokerLockError(
             f"refusing to open {path}: it is a symbolic link, which a lock database never is"
         )
     if not stat.S_ISREG(info.st_mode):
         raise BrokerLockError(f"cannot use database {path}: it is not a regular file")
+
+
+#: Descriptors of ``-shm`` files we made, kept open: SQLite holds POSIX locks on that
+#: file, which closing any descriptor of it in this process would drop.
+_made_shm: List[int] = []
+
+
+def _precreate_journals(path: str) -> None:
+    """In a group-shared directory, make the ``-wal`` and ``-shm`` files before SQLite
+    does. SQLite gives them the database's mode too, but only by a chmod after it
+    created them with the umask's: another user of the group opening them in between
+    would be refused (and fail as "readonly database"). Ours appear with their mode."""
+    for suffix in ("-wal", "-shm"):
+        if os.path.lexists(path + suffix):
+            continue
+        try:
+            fd = open_private(path + suffix, os.O_RDWR | os.O_EXCL)
+        except BrokerLockError:
+            continue  # made meanwhile by another process, or not ours to make: SQLite decides
+        if suffix == "-wal":
+            os.close(fd)
+            continue
+        for kept in list(_made_shm):
+            try:
+                gone = os.fstat(kept).st_nlink == 0
+            except OSError:
+                gone = True
+            if gone:  # (unlinked by SQLite after its last connection closed: no locks left)
+                _made_shm.remove(kept)
+                try:
+                    os.close(kept)
+                except OSError:
+                    pass
+        _made_shm.append(fd)
+
+
+def _diagnose(path: str) -> Optional[BrokerLockError]:
+    """Why SQLite could not write the database at ``path``, if we can tell: a read-only
+    file system, or a file or directory we may not write."""
+    directory = os.path.dirname(path)
+    if sys.platform != "win32":
+        try:
+            if os.statvfs(directory).f_flag & os.ST_RDONLY:
+                return io_error("write", path, OSError(errno.EROFS, "Read-only file system"))
+        except OSError:
+            pass
+    effective = os.access in os.supports_effective_ids
+    for target in (path, path + "-wal", path + "-shm", directory):
+        if os.path.exists(target) and not os.access(target, os.W_OK, effective_ids=effective):
+            return io_error("write", target, OSError(errno.EACCES, "Permission denied"))
+    return None
 
 
 class SQLiteConnections:
@@ -284,6 +339,12 @@ class SQLiteConnections:
         message = str(exc)
         if "not a database" in message or "malformed" in message:
             message = f"{message} (is {self.path} an SQLite database brokerlock may use?)"
+        elif "readonly" in message or "unable to open" in message or "I/O error" in message:
+            # SQLite's words for a file it may not write read like a state of the
+            # database; say which file or directory, and why.
+            cause = _diagnose(self.path)
+            if cause is not None:
+                message = str(cause)
         raise BrokerLockError(f"{self.url}: could not {action}: {message}") from None
 
     def close(self) -> None:
