@@ -8,7 +8,6 @@ thread contends as a holder of its own, with its own token, so ``acquired``, ``f
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import threading
 import time
@@ -16,12 +15,11 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Callable, Iterator, Optional, Type, TypeVar
 
+from ._log import DEBUG, WARNING, log
 from .adapters.base import Adapter, Lease, Request
 from .durations import Duration, format_duration, parse_duration
 from .errors import BrokerLockError, LockLost, LockTimeout
 from .names import validate_name
-
-log = logging.getLogger("brokerlock")
 
 F = TypeVar("F", bound=Callable[..., Any])
 OnLost = Callable[["BrokerLockItem"], None]
@@ -100,7 +98,7 @@ class Hold:
                     # One warning per run of failures, not one per retry: a retry a second
                     # would flood a cron job's mail while the store is down.
                     log.log(
-                        logging.WARNING if self.failures == 1 else logging.DEBUG,
+                        WARNING if self.failures == 1 else DEBUG,
                         "renewing lock %r fence %d failed, retrying (%.3fs of lease left): %s",
                         self.item.name, self.lease.fence, left, exc,
                     )
@@ -294,7 +292,7 @@ class BrokerLockItem:
             from .renewer import renewer  # loaded with the first kept-alive hold
 
             renewer().add(hold)
-        if log.isEnabledFor(logging.DEBUG):  # (its arguments cost a fast cycle ~1 µs)
+        if log.isEnabledFor(DEBUG):  # (its arguments cost a fast cycle ~1 µs)
             log.debug(
                 "acquired %r fence %d after %.6fs on %s",
                 self.name, lease.fence, time.monotonic() - asked, self._adapter.url,

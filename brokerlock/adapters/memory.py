@@ -27,7 +27,9 @@ class MemoryAdapter(Adapter):
         self._clock = clock
         self._cond = threading.Condition()
         self._leases: Dict[str, Lease] = {}
-        self._fences: Dict[str, int] = {}
+        # One counter for the whole store rather than one per name: a released name
+        # then leaves nothing behind, and its fences still only grow.
+        self._fence = 0
         self._queues: Dict[str, Deque[int]] = {}
         self._tickets = itertools.count(1)
 
@@ -43,8 +45,8 @@ class MemoryAdapter(Adapter):
         return lease
 
     def _grant(self, request: Request) -> Lease:
-        fence = self._fences.get(request.name, 0) + 1
-        self._fences[request.name] = fence
+        self._fence += 1
+        fence = self._fence
         now = self._clock()
         lease = Lease(
             name=request.name, token=request.token, fence=fence, acquired_at=now,
@@ -75,10 +77,10 @@ class MemoryAdapter(Adapter):
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         return None
-                    # Look again at least every second: the expiry was computed from the wall
-                    # clock, and a clock stepped back and corrected must not park us for the
-                    # size of the step.
-                    bound = 1.0
+                    # Look again at least every few seconds: the expiry was computed from the
+                    # wall clock, and a clock stepped back and corrected must not park us for
+                    # the size of the step. (Every release notifies, so this is only a net.)
+                    bound = 4.0
                     if lease is not None and lease.expires_at is not None:
                         bound = min(bound, max(0.0, lease.expires_at - self._clock()) + 0.0005)
                     self._cond.wait(bound if remaining is None else min(remaining, bound))

@@ -18,13 +18,13 @@ and waiters poll with backoff.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import sys
 import threading
 import time
 from typing import Callable, Dict, Optional, Tuple
 
+from ..._log import log
 from ..._platform import WAKEUP
 from ...errors import BrokerLockError
 from ..base import BackoffWaiter, Lease, Waiter
@@ -44,16 +44,17 @@ from .wakeup_fifo import FifoWaiter, make_fifo, ring_fifo
 if sys.platform == "win32" and WAKEUP == "event":  # (not where a test pretends to be Windows)
     from .wakeup_windows import EventWaiter, close_event, make_event, pid_alive, ring_event
 
-log = logging.getLogger("brokerlock")
-
 _IN_DELETE_SELF = 0x400
 _IN_MOVE_SELF = 0x800
 _RUNG = MODIFIED | _IN_DELETE_SELF | _IN_MOVE_SELF
 #: Without a bell to ring, a waiter polls; this caps its sleep.
 POLL_CAP = 0.1
-#: A waiter looks again at least this often, whatever it was told: a lost ring costs
-#: at most this much.
-SAFETY_NET = 1.0
+#: A waiter looks again at least this often, whatever it was told: a lost ring, or a
+#: wall clock corrected forward past a lease's end, costs at most this much. Every
+#: hand-over rings and every process's exit is heard on the witness, so this is only
+#: a net: each look costs a blocked waiter ~0.1-0.3 ms of CPU, and a look per second
+#: was most of what waiting cost (the target: at most 1 ms per 5 s).
+SAFETY_NET = 4.0
 #: Where no inotify watches the witness file (FIFO and event wake-ups), nothing wakes a
 #: waiter when the holder dies: it looks again this often, and finds the holder's
 #: witness byte free.

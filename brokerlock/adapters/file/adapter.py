@@ -7,7 +7,9 @@ readable name is kept inside the record. Each record is read and changed under a
 kernel lock, decides who holds, so that a ttl can take a lock from a holder that
 overran it. The holder's liveness is proved by its witness byte (see ``embedded.witness``),
 which frees a killed holder's lock at once. Waiters sleep in inotify until a record
-is written or a process that used the store exits.
+is written or a process that used the store exits. A record freed while nobody waits
+is removed, its fence kept in the store's floor (see ``record.HighWater``): the
+directory holds only names in use.
 
 ``flock`` is unreliable on NFS and other network file systems: use Redis or
 PostgreSQL for locks shared between hosts.
@@ -15,7 +17,6 @@ PostgreSQL for locks shared between hosts.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -38,14 +39,12 @@ from ..embedded.files import (
     unlock_file,
     write_at,
 )
-from ..embedded.store import EmbeddedStore, grant_news
-from .record import Record, decode, encode, leased, stamp, stamp_text
-
-log = logging.getLogger("brokerlock")
+from ..embedded.store import EmbeddedStore, Renewal, entry_life, grant_news
+from .record import HighWater, Record, decode, encode, leased, stamp, stamp_text
 
 _SUFFIX = ".lock"
-#: How long a waiter's place in a queue lasts unless the waiter renews it, which it does
-#: while it waits; bounds the stall a waiter that vanished without a trace can cause.
+#: How long a waiter's place without a witness mark lasts unless renewed (see
+#: ``embedded.store.entry_life``).
 QUEUE_ENTRY_LIFE = 6.0
 
 #: A queue entry: ``[token, witness, until, bell, ttl, host, pid, thread]``, all that
@@ -54,6 +53,8 @@ _ENTRY_SIZE = 8
 _READ_SIZE = 65536
 #: Each thread keeps its last few records open (see ``KeptFiles``).
 _RECORDS = KeptFiles(8, lambda path: open_private(path, os.O_RDWR))
+#: And the fence file of the store it used last (see ``HighWater``).
+_MARKS = KeptFiles(1, lambda path: open_private(path, os.O_RDWR))
 
 
 if sys.platform == "win32":
@@ -104,6 +105,7 @@ class FileAdapter(EmbeddedStore):
             os.path.join(self.directory, "witness"), os.path.join(self.directory, "bells"), clock
         )
         self._paths: Dict[str, str] = {}
+        self._high_water = HighWater(os.path.join(self.directory, "fence"), _MARKS)
 
     def _read_pin(self) -> float:
         """The store's clock for this boot, in the file ``clock`` (see ``embedded.clock``)."""
@@ -150,7 +152,25 @@ class FileAdapter(EmbeddedStore):
                 fd = -1  # closed: its number may be another thread's before ours is back
                 fd = _RECORDS.get(path)
             record, size = self._read(fd, path, name, size)
+            if record is None or record.get("damaged"):
+                # No record (a new name, or one whose record went when it was last
+                # freed) or a damaged one: a free record whose fence is the store's
+                # floor, so that the next lease's fence is above every removed one.
+                record = {"name": name, "token": None, **(record or {}), "fence": self._high_water.read()}
             result, new = change(record)
+            if (new is None and size == 0) or (
+                new is not None and not new.get("token") and not new.get("queue")
+            ):
+                # Free, and nobody waits (or an empty file nobody wrote): the record
+                # goes, its fence kept in the floor first. Unlinked under its flock:
+                # anyone who opened it meanwhile finds it unlinked once they have the
+                # flock, and opens the path anew (above).
+                if new is not None:
+                    self._high_water.raise_to(new["fence"])
+                if _remove(path):
+                    unlock_file(fd)
+                    _RECORDS.drop(path)
+                    return result
             if new is not None:
                 data = encode(new)
                 # Pad over a longer old record instead of truncating: one write, not two;
@@ -258,7 +278,7 @@ class FileAdapter(EmbeddedStore):
         departure, a break); a holder's death closes the witness file, which wakes
         every waiter. An entry carries a deadline that its waiter refreshes, so a
         waiter that vanished without a witness stalls the queue for at most
-        ``QUEUE_ENTRY_LIFE``.
+        ``entry_life``.
         """
         lease = self.try_acquire(request)
         if lease is not None or timeout == 0:
@@ -267,11 +287,11 @@ class FileAdapter(EmbeddedStore):
         name, token = request.name, request.token
         witness = self._witness.mine()  # also creates the witness file the waiter watches
         bell = self._bells.make()
-        refresh_at = 0.0
+        renewal = Renewal(entry_life(witness, QUEUE_ENTRY_LIFE))
         wake: Optional[str] = None
 
         def join_or_take(record: Optional[Record]) -> Tuple[Any, Optional[Record]]:
-            nonlocal refresh_at, wake
+            nonlocal wake
             now = self._clock()
             free = not self._holds(record, now)
             if record is not None and record.get("token") == token and not free:
@@ -283,16 +303,16 @@ class FileAdapter(EmbeddedStore):
             if changed and free and queue:
                 wake = queue[0][3]  # dead waiters were dropped: tell the new head
             place = next((i for i, e in enumerate(queue) if e[0] == token), None)
-            if place is None or time.monotonic() >= refresh_at:
+            if place is None or renewal.due(now):
                 entry = [
-                    token, witness, now + QUEUE_ENTRY_LIFE, bell,
+                    token, witness, now + renewal.life, bell,
                     request.ttl, request.host, request.pid, request.thread,
                 ]
                 if place is None:
                     queue.append(entry)
                 else:
                     queue[place] = entry  # a refresh keeps the place in line
-                refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
+                renewal.done(now)  # (written when the record is: a failed write raises)
                 changed = True
             if not changed:
                 return _expiry(record), None
@@ -416,6 +436,15 @@ class FileAdapter(EmbeddedStore):
         return bool(
             self._free(name, "break", lambda record: True if self._holds(record, self._clock()) else None)
         )
+
+
+def _remove(path: str) -> bool:
+    """Unlink a record; if that fails, it stays (free), as records did before."""
+    try:
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
 
 
 def _forget(fd: int, path: str) -> None:

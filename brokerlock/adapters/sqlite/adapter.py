@@ -1,11 +1,13 @@
 """SQLite store: one row per lock name, changed by single atomic statements.
 
 Acquire is one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <free> RETURNING fence``.
-Rows are never deleted (release only clears the token), so the fence of a name keeps
-growing across releases, processes and restarts. A holder's process is proved alive by
-its witness byte (see ``embedded.witness``), so a killed holder's lock is free at once. Waiters
-queue in a table; a release grants the lock to the first live one in the same statement
-and rings its bell (see ``embedded.bells``). Connections and retries: ``sqlite.conn``.
+A row freed while nobody waits is deleted in the freeing statement, and the store's
+fence floor keeps its fence (see ``sql``), so the fence of a name keeps growing across
+releases, processes and restarts while the table holds only names in use. A holder's
+process is proved alive by its witness byte (see ``embedded.witness``), so a killed
+holder's lock is free at once. Waiters queue in a table; a release grants the lock to
+the first live one in the same statement and rings its bell (see ``embedded.bells``).
+Connections and retries: ``sqlite.conn``.
 
 Good for one host. SQLite's locking is unreliable on NFS and other network file
 systems: use Redis or PostgreSQL for locks shared between hosts.
@@ -21,13 +23,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ...errors import BrokerLockError
 from ..base import Lease, Request, clock_fence
 from ..embedded.files import ensure_private_dir
-from ..embedded.store import EmbeddedStore, grant_news
+from ..embedded.store import EmbeddedStore, Renewal, entry_life, grant_news
 from . import sql
 from .conn import SQLiteConnections, _OutOfTime, _prepare_database_file
 from .pool import Pool
 
-#: How long a waiter's place in the queue lasts unless renewed, which the waiter does
-#: while it waits; bounds the stall a waiter that vanished without a trace can cause.
+#: How long a waiter's place without a witness mark lasts unless renewed (see
+#: ``embedded.store.entry_life``).
 QUEUE_ENTRY_LIFE = 6.0
 
 
@@ -211,8 +213,8 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
         name, token = request.name, request.token
         witness = self._witness.mine()  # also creates the witness file the waiter watches
         bell = self._bells.make()
+        renewal = Renewal(entry_life(witness, QUEUE_ENTRY_LIFE))
         ticket: Optional[int] = None
-        refresh_at = 0.0
 
         entry = {
             "name": name, "token": token, "witness": witness, "bell": bell, "ttl": request.ttl,
@@ -221,22 +223,21 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
 
         def join(conn: sqlite3.Connection, now: float) -> None:
             """Take a place at the end of the queue (again)."""
-            nonlocal ticket, refresh_at
-            until = now + QUEUE_ENTRY_LIFE
-            ticket = conn.execute(sql.JOIN_QUEUE, {**entry, "until": until}).fetchone()[0]
-            refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
+            nonlocal ticket
+            ticket = conn.execute(sql.JOIN_QUEUE, {**entry, "until": now + renewal.life}).fetchone()[0]
+            renewal.done(now)
 
         def step(conn: sqlite3.Connection) -> Tuple[Optional[Lease], Optional[float], Optional[str]]:
-            nonlocal ticket, refresh_at
+            nonlocal ticket
             now = self._clock()
             if ticket is None:
                 join(conn, now)
-            elif time.monotonic() >= refresh_at:
+            elif renewal.due(now):
                 if conn.execute(
                     "UPDATE brokerlock_waiters SET until = ? WHERE ticket = ?",
-                    (now + QUEUE_ENTRY_LIFE, ticket),
+                    (now + renewal.life, ticket),
                 ).rowcount:
-                    refresh_at = time.monotonic() + QUEUE_ENTRY_LIFE / 3
+                    renewal.done(now)
                 else:
                     # Granted the lock (see below), or our place ran out while we could not
                     # renew it (a pause, a clock step) and someone pruned it: then queue

@@ -7,7 +7,6 @@ while SQLite is busy, and errors reported in the store's words.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import random
 import sqlite3
@@ -16,13 +15,12 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
+from ..._log import log
 from ...errors import BrokerLockError
 from ..embedded.clock import BOOT_ID, new_pin
 from ..embedded.files import YIELDS, io_error, is_shared_dir, open_private, yield_cpu
 from . import sql
 from .pool import Pool, Slot
-
-log = logging.getLogger("brokerlock")
 
 
 class _OutOfTime(Exception):
