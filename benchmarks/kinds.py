@@ -42,6 +42,9 @@ class Env:
     workdir: str
     redis_url: Optional[str] = None
     pg_dsn: Optional[str] = None
+    #: Deepkit's broker: its loopback port, and the node_modules its clients load.
+    deepkit_port: Optional[str] = None
+    deepkit_modules: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class Kind:
     #: for a random time spanning that period samples every phase, as real traffic
     #: would. Push-based locks only need the waiter parked, so a short span does.
     settle: float = 0.01
-    needs: Optional[str] = None  # "redis" or "postgres": a server must be running
+    needs: Optional[str] = None  # "redis", "postgres" or "deepkit": a server must be running
     note: str = ""
 
 
@@ -354,6 +357,74 @@ class PgRow:
         self.conn.close()
 
 
+# -- Deepkit's broker ------------------------------------------------------------------------
+#: Deepkit 1.0.19 reads the ttl and timeout its client sends in ms as seconds (issue 17).
+DEEPKIT_NOTE = (
+    "Deepkit's broker 1.0.19 (BrokerKernel + RpcTcpServer, BrokerDeepkitAdapter clients in "
+    "Node, driven from Python over a pipe: its figures include one pipe round trip per "
+    "call). Its unit bug: the client sends ttl and timeout in ms and the server reads "
+    "seconds, so '60s' lasts ~16.7 hours, and a ttl over ~36 min overflows Node's timer "
+    "and lets a second holder in at once."
+)
+
+
+def _schedstat_ns(pid: int) -> int:
+    """CPU time of process ``pid`` in ns (Linux's scheduler count: exact, unlike the
+    10 ms ticks of /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class DeepkitBroker:
+    """``BrokerLock(new BrokerDeepkitAdapter(...)).item(name, {ttl, timeout})`` in a Node
+    process of its own per participant (benchmarks/deepkit_broker.js), told over a pipe
+    to acquire or release. A waiter's CPU is the Node client's (``cpu_ns``)."""
+
+    def __init__(self, env: Env, name: str) -> None:
+        import subprocess
+
+        from servers import DEEPKIT_SCRIPT
+
+        self.proc = subprocess.Popen(
+            ["node", DEEPKIT_SCRIPT, "client", env.deepkit_port or "", name, f"{int(TTL)}s",
+             f"{int(ACQUIRE_TIMEOUT)}s"],
+            env={**os.environ, "NODE_PATH": env.deepkit_modules or ""},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._in, self._out = self.proc.stdin, self.proc.stdout
+        ready = self._out.readline()
+        if ready != b"ready\n":
+            raise RuntimeError(f"Deepkit client did not start: {ready!r}")
+
+    def _call(self, command: bytes) -> None:
+        self._in.write(command)
+        answer = self._out.readline()
+        if answer != b"ok\n":
+            said = answer.decode(errors="replace").strip() or "client exited"
+            raise RuntimeError(f"Deepkit broker: {said}")
+
+    def acquire(self) -> None:
+        self._call(b"a\n")
+
+    def release(self) -> None:
+        self._call(b"r\n")
+
+    def cpu_ns(self) -> int:
+        return _schedstat_ns(self.proc.pid)
+
+    def close(self) -> None:
+        try:
+            self._in.write(b"q\n")
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()  # our own child, by handle
+            self.proc.wait()
+
+
 # -- in-process --------------------------------------------------------------------------
 _THREAD_LOCKS: Dict[str, threading.Lock] = {}
 _MEMORY_STORES: Dict[str, Any] = {}
@@ -457,6 +528,7 @@ KINDS: List[Kind] = [
         needs="postgres",
         note="raw lease row + backoff",
     ),
+    Kind("deepkit broker", "deepkit", False, DeepkitBroker, needs="deepkit", note=DEEPKIT_NOTE),
     Kind("threading.Lock", "memory", False, ThreadingLock, mode="thread", note="floor, threads"),
     Kind("brokerlock memory", "memory", True, _bl_memory, mode="thread", note="threads"),
     Kind("brokerlock file", "file", True, _bl_file),
@@ -467,7 +539,7 @@ KINDS: List[Kind] = [
 #: Not in the default run: proves that the exclusion checks fail a broken lock.
 SELFTEST = Kind("leaky flock", "selftest", False, LeakyFlock, note="broken on purpose")
 BY_NAME: Dict[str, Kind] = {kind.name: kind for kind in [*KINDS, SELFTEST]}
-FAMILIES = ["memory", "file", "sqlite", "redis", "postgres"]
+FAMILIES = ["memory", "file", "sqlite", "redis", "postgres", "deepkit"]
 
 #: One-time set-up in the parent, before any worker starts.
 PREPARE: Dict[str, Callable[[Env], None]] = {
@@ -482,6 +554,8 @@ def unavailable(kind: Kind, env: Env) -> Optional[str]:
         return "no Redis server"
     if kind.needs == "postgres" and not env.pg_dsn:
         return "no PostgreSQL server"
+    if kind.needs == "deepkit" and not env.deepkit_port:
+        return "Deepkit's broker is not running"
     if kind.ours and kind.needs:
         import importlib.util
 

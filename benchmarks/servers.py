@@ -191,3 +191,54 @@ def start_postgres() -> Tuple[Optional[Server], str]:
         server.stop()
         return None, "postgres did not start"
     return server, ""
+
+
+#: Deepkit's broker, the system brokerlock was ported from (issue 17), pinned.
+DEEPKIT_PACKAGES = ["@deepkit/broker@1.0.19", "@deepkit/rpc-tcp@1.0.19"]
+DEEPKIT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepkit_broker.js")
+
+
+def deepkit_modules() -> Tuple[Optional[str], str]:
+    """The node_modules folder with Deepkit's broker, installed with npm on first use
+    into a cache folder outside the repository (``$BROKERLOCK_BENCH_CACHE``, else
+    ``$XDG_CACHE_HOME/brokerlock-bench`` or ``~/.cache/brokerlock-bench``)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return None, "node and npm are not installed"
+    cache = os.environ.get("BROKERLOCK_BENCH_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "brokerlock-bench"
+    )
+    folder = os.path.join(cache, "deepkit-1.0.19")
+    modules = os.path.join(folder, "node_modules")
+    if os.path.exists(os.path.join(modules, "@deepkit", "rpc-tcp", "package.json")):
+        return modules, ""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "package.json"), "w") as f:
+        f.write('{"name": "brokerlock-bench-deepkit", "private": true}\n')
+    done = subprocess.run(
+        ["npm", "install", "--no-audit", "--no-fund", "--silent", *DEEPKIT_PACKAGES],
+        cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600, check=False,
+    )
+    if done.returncode != 0:
+        return None, "npm install failed: " + done.stdout.decode(errors="replace")[-300:]
+    return modules, ""
+
+
+def start_deepkit() -> Tuple[Optional[Server], str]:
+    """BrokerKernel behind RpcTcpServer on a free loopback port; ``url`` is the port."""
+    modules, why = deepkit_modules()
+    if modules is None:
+        return None, why
+    directory = tempfile.mkdtemp(prefix="brokerlock-bench-deepkit-")
+    port = free_port()
+    proc = subprocess.Popen(
+        ["node", DEEPKIT_SCRIPT, "server", str(port)],
+        env={**os.environ, "NODE_PATH": modules}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=directory,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode(errors="replace").strip()
+    server = Server("deepkit", str(port), proc, directory)
+    if line != "listening":
+        server.stop()
+        return None, f"Deepkit's broker did not start: {line[-300:]}"
+    return server, ""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import logging
 from typing import TYPE_CHECKING, Any
 
 from .adapters.base import Adapter, Lease
@@ -20,9 +19,8 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-# A library must not print: without a handler of the application's, Python's
-# last-resort handler would write our warnings to stderr.
-logging.getLogger("brokerlock").addHandler(logging.NullHandler())
+# A library must not print: the "brokerlock" logger gets a NullHandler before its first
+# record, and ``logging`` loads only once someone could listen (see ``_log``).
 
 __all__ = [
     "Adapter",

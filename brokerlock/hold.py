@@ -6,19 +6,18 @@ its item and its thread weakly, and must make sense alone once both are gone.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 import weakref
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
+from ._log import DEBUG, WARNING, log
 from .adapters.base import Lease
 from .durations import format_duration
 
 if TYPE_CHECKING:
     from .lock import BrokerLockItem
 
-log = logging.getLogger("brokerlock")
 
 
 def _nothing() -> None:
@@ -126,7 +125,7 @@ class Hold:
                     # One warning per run of failures, not one per retry: a retry a second
                     # would flood a cron job's mail while the store is down.
                     log.log(
-                        logging.WARNING if self.failures == 1 else logging.DEBUG,
+                        WARNING if self.failures == 1 else DEBUG,
                         "renewing lock %r fence %d failed, retrying (%.3fs of lease left): %s",
                         self.name, self.lease.fence, left, exc,
                     )

@@ -8,13 +8,13 @@ thread contends as a holder of its own, with its own token, so ``acquired``, ``f
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import threading
 import time
 from types import TracebackType
 from typing import Any, Callable, Optional, Type, TypeVar
 
+from ._log import log
 from .adapters.base import Adapter, Lease
 from .adapters.inflight import settle
 from .durations import Duration, format_duration, parse_duration
@@ -22,8 +22,6 @@ from .errors import BrokerLockError, LockLost, LockTimeout
 from .hold import Hold, mark_lost
 from .names import validate_name
 from .owning import Owning
-
-log = logging.getLogger("brokerlock")
 
 F = TypeVar("F", bound=Callable[..., Any])
 OnLost = Callable[["BrokerLockItem"], None]

@@ -20,12 +20,12 @@ came through (``hold.held_by_thread``): a wait for one of them would wait for it
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import threading
 import time
 from typing import TYPE_CHECKING, Optional, Tuple, cast
 
+from ._log import DEBUG, log
 from .adapters.base import Adapter, Request
 from .adapters.inflight import Acquisition
 from .errors import BrokerLockError
@@ -34,7 +34,6 @@ from .hold import Hold, held_by_thread
 if TYPE_CHECKING:
     from .lock import BrokerLockItem
 
-log = logging.getLogger("brokerlock")
 
 
 class Owning:
@@ -125,7 +124,7 @@ class Owning:
             from .renewer import renewer  # loaded with the first kept-alive hold
 
             renewer().add(hold)
-        if log.isEnabledFor(logging.DEBUG):  # (its arguments cost a fast cycle ~1 µs)
+        if log.isEnabledFor(DEBUG):  # (its arguments cost a fast cycle ~1 µs)
             log.debug(
                 "acquired %r fence %d after %.6fs on %s",
                 self.name, lease.fence, time.monotonic() - asked, self._adapter.url,

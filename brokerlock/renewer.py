@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import logging
 import os
 import threading
 import time
 from typing import List, Optional, Protocol, Tuple
 
-log = logging.getLogger("brokerlock")
+from ._log import log
 
 #: Renew when this share of the ttl has passed since the last renewal.
 RENEW_AT = 1 / 3

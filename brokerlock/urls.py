@@ -129,7 +129,9 @@ def adapter_from_url(url: str) -> Adapter:
             from .adapters.sqlite import SQLiteAdapter
 
             return SQLiteAdapter(path)
-        if not path.startswith("/"):
+        if sys.platform == "win32" and path[:1] == "/" and path[2:3] == ":" and path[1:2].isalpha():
+            path = path[1:]  # file:///C:/dir, the usual form of a Windows file URL
+        elif not path.startswith("/"):
             raise ValueError(
                 f"store URL {url!r} needs an absolute directory: file:///path/to/dir or file:/path/to/dir"
             )

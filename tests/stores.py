@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Dict
 
 import pytest
 
 from brokerlock import Adapter, FileAdapter, MemoryAdapter, SQLiteAdapter
-from brokerlock._platform import HAVE_FCNTL, HAVE_WITNESS
+from brokerlock._platform import HAVE_FILE_LOCKS, HAVE_WITNESS
 
 StoreFactory = Callable[[], Adapter]
 
@@ -25,10 +26,14 @@ SKIP_SERVERS = os.environ.get("BROKERLOCK_SKIP_SERVERS", "") not in ("", "0")
 #: For tests of what the kernel-lock witness promises (a dead holder's lock free at
 #: once): Windows has none, and BROKERLOCK_PORTABLE=1 turns it off (the lease decides).
 needs_witness = pytest.mark.skipif(
-    not HAVE_WITNESS, reason="no liveness witness here (Windows or BROKERLOCK_PORTABLE=1)"
+    not HAVE_WITNESS, reason="no liveness witness here (BROKERLOCK_PORTABLE=1 or no kernel file locks)"
 )
-#: For tests of FileAdapter itself: without flock() (Windows) it refuses to start.
-needs_flock = pytest.mark.skipif(not HAVE_FCNTL, reason="no flock() here: FileAdapter cannot work")
+#: For tests of FileAdapter itself: without flock() or LockFileEx() it refuses to start.
+needs_flock = pytest.mark.skipif(
+    not HAVE_FILE_LOCKS, reason="no flock() or LockFileEx() here: FileAdapter cannot work"
+)
+#: For tests of what fork() does to kept descriptors and locks: Windows has no fork().
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
 
 
 def need(what: str, how: str) -> None:
@@ -84,9 +89,14 @@ STORES: Dict[str, Callable[..., StoreFactory]] = {
 #: Back ends whose stores another process can reach (for multi-process tests).
 SHARED = ["sqlite", "file", "redis", "postgres"]
 
-if not HAVE_FCNTL:  # Windows: no flock, FileAdapter refuses to start (tests/test_portable.py)
+if not HAVE_FILE_LOCKS:  # FileAdapter refuses to start (tests/test_portable.py)
     del STORES["file"]
     SHARED.remove("file")
+
+
+def file_url(path: Path) -> str:
+    """The file:// URL of a directory: ``file:///dir``, on Windows ``file:///C:/dir``."""
+    return "file:///" + Path(path).as_posix().lstrip("/")
 
 
 def url_of(adapter: Adapter) -> str:

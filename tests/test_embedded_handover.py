@@ -18,20 +18,24 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import pytest
-from stores import needs_flock, needs_witness
+from stores import file_url, needs_flock, needs_witness
 
 from brokerlock import Adapter, BrokerLock, FileAdapter, SQLiteAdapter
+from brokerlock._platform import WAKEUP
 from brokerlock.adapters.base import Lease, Request
 from brokerlock.adapters.embedded.wakeup import libc
 
-pytestmark = pytest.mark.skipif(libc() is None, reason="no inotify bells here: waiters poll")
+pytestmark = pytest.mark.skipif(
+    WAKEUP is None or (WAKEUP == "inotify" and libc() is None),
+    reason="no bells here (BROKERLOCK_PORTABLE=1): waiters poll",
+)
 
 STORES: Dict[str, Callable[[Path], Adapter]] = {
     "file": lambda tmp: FileAdapter(tmp / "locks"),
     "sqlite": lambda tmp: SQLiteAdapter(tmp / "locks.sqlite3"),
 }
 URLS: Dict[str, Callable[[Path], str]] = {
-    "file": lambda tmp: f"file://{tmp / 'locks'}",
+    "file": lambda tmp: file_url(tmp / "locks"),
     "sqlite": lambda tmp: f"sqlite:///{tmp / 'locks.sqlite3'}",
 }
 
@@ -162,6 +166,7 @@ time.sleep(60)
 
 
 @needs_witness
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="Windows cannot stop a process from outside")
 def test_a_waiter_killed_after_its_grant_does_not_strand_the_lock(kind: str, tmp_path: Path) -> None:
     url = URLS[kind](tmp_path)
     holder = BrokerLock.from_url(url).item("job", ttl="30s", timeout="1s")

@@ -540,6 +540,8 @@ import brokerlock.adapters.{store}.adapter as adapter
 from brokerlock import BrokerLock
 # A short queue-entry life, so the test pauses for 2 s rather than QUEUE_ENTRY_LIFE.
 adapter.QUEUE_ENTRY_LIFE = min(getattr(adapter, "QUEUE_ENTRY_LIFE", {life}), {life})
+import brokerlock.adapters.embedded.store as store
+store.WITNESSED_ENTRY_LIFE = {life}
 item = BrokerLock.from_url({url!r}).item("job", ttl="10s", timeout="8s")
 print("parking", flush=True)
 try:

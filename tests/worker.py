@@ -31,7 +31,7 @@ def churn(url: str, name: str, count: str) -> None:
     waiter asleep until its timeout (LockTimeout, exit 1) instead of for a second."""
     from brokerlock.adapters.embedded import bells as _bells
 
-    _bells.SAFETY_NET = 600.0
+    _bells.SAFETY_NET = _bells.DEATH_NET = 600.0
     item = BrokerLock.from_url(url).item(name, ttl="60s", timeout="20s")
     for _ in range(int(count)):
         item.acquire()

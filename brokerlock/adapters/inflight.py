@@ -19,15 +19,14 @@ no finer steps than the four a reader can reason about, and the cleanup is one c
 from __future__ import annotations
 
 import enum
-import logging
 from typing import TYPE_CHECKING, Callable, Optional
 
+from .._log import log
 from ..errors import BrokerLockError
 
 if TYPE_CHECKING:
     from .base import Adapter, Lease, Request
 
-log = logging.getLogger("brokerlock")
 
 #: How often a cleanup is tried again when interrupts keep landing inside it. Each try
 #: is one or two store round trips; interrupts that come faster than that for this long

@@ -36,7 +36,9 @@ class MemoryAdapter(Adapter):
         self._clock = clock
         self._mutex = threading.Lock()
         self._leases: Dict[str, Lease] = {}
-        self._fences: Dict[str, int] = {}
+        # One counter for the whole store rather than one per name: a released name
+        # then leaves nothing behind, and its fences still only grow.
+        self._fence = 0
         # Per name, the waiters by token in arrival order (first: the head).
         self._queues: Dict[str, OrderedDict[str, _Waiter]] = {}
 
@@ -63,8 +65,8 @@ class MemoryAdapter(Adapter):
             next(iter(queue.values())).cond.notify()
 
     def _grant(self, request: Request) -> Lease:
-        fence = self._fences.get(request.name, 0) + 1
-        self._fences[request.name] = fence
+        self._fence += 1
+        fence = self._fence
         now = self._clock()
         lease = Lease(
             name=request.name, token=request.token, fence=fence, acquired_at=now,
@@ -98,10 +100,10 @@ class MemoryAdapter(Adapter):
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         return None
-                    # Look again at least every second: the expiry was computed from the wall
-                    # clock, and a clock stepped back and corrected must not park us for the
-                    # size of the step.
-                    bound = 1.0
+                    # Look again at least every few seconds: the expiry was computed from the
+                    # wall clock, and a clock stepped back and corrected must not park us for
+                    # the size of the step. (Every release notifies, so this is only a net.)
+                    bound = 4.0
                     if lease is not None and lease.expires_at is not None:
                         bound = min(bound, max(0.0, lease.expires_at - self._clock()) + 0.0005)
                     waiter.cond.wait(bound if remaining is None else min(remaining, bound))

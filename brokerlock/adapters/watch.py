@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import functools
 import itertools
-import logging
 import select
 import socket
 import threading
 from typing import Callable, Dict, Optional
 
-log = logging.getLogger("brokerlock")
+from .._log import log
 
 OnGone = Callable[[str], None]
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional
 import pytest
 from chaos_checker import check
 from chaos_harness import Plan, run
+from stores import file_url
 
 from brokerlock._platform import HAVE_WITNESS
 
@@ -43,7 +44,7 @@ def _url(backend: str, tmp_path: Path, request: Optional[pytest.FixtureRequest] 
     if backend == "sqlite":
         return f"sqlite:///{tmp_path}/store/locks.sqlite3"
     if backend == "file":
-        return f"file://{tmp_path}/store"
+        return file_url(tmp_path / "store")
     assert request is not None
     fresh = uuid.uuid4().hex[:12]
     if backend == "redis":

@@ -348,7 +348,9 @@ def test_newcomer_does_not_overtake_a_waiter(lock: BrokerLock, other: BrokerLock
     got = threading.Event()
     thread = threading.Thread(target=lambda: (waiter.acquire(), got.set()))
     thread.start()
-    time.sleep(0.05)  # let it queue
+    # Let it queue (no store-neutral way to see the queue; 0.2 s: a new thread's first
+    # SQLite connection takes tens of ms under Wine on a busy machine).
+    time.sleep(0.2)
     holder.release()
     # The releaser at once tries again: the lock is the waiter's, not the newcomer's.
     assert holder.try_acquire() is None

@@ -7,19 +7,25 @@ a small file of its own, its bell, and sleeps in inotify on that file alone (and
 store's witness file, whose closing announces the death of a process). Whoever makes it
 the queue's head (a release, a departure, a break) writes one byte into its bell.
 
-Where inotify is missing (macOS, Windows, ``BROKERLOCK_PORTABLE=1``) no bells are made
-and waiters fall back to polling with backoff.
+Where inotify is missing the bell still carries the news, and the wake-up takes
+another way (``_platform.WAKEUP``): a FIFO beside the bell on other POSIX systems
+(``wakeup_fifo``), a named event on Windows (``wakeup_windows``). Neither can tell of
+a process's death as inotify on the witness file does, so there a waiter looks again
+at least every ``DEATH_NET``. Only with ``BROKERLOCK_PORTABLE=1`` are no bells made,
+and waiters poll with backoff.
 """
 
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
+import sys
 import threading
 import time
 from typing import Callable, Dict, Optional, Tuple
 
+from ..._log import log
+from ..._platform import WAKEUP
 from ...errors import BrokerLockError
 from ..base import BackoffWaiter, Lease, Waiter
 from .files import (
@@ -32,17 +38,27 @@ from .files import (
     write_at,
 )
 from .wakeup import _IN_CLOEXEC, _IN_NONBLOCK, CLOSED, MODIFIED, InotifyWaiter, libc
+from .wakeup_fifo import SUFFIX as FIFO_SUFFIX
+from .wakeup_fifo import FifoWaiter, make_fifo, ring_fifo
 
-log = logging.getLogger("brokerlock")
+if sys.platform == "win32" and WAKEUP == "event":  # (not where a test pretends to be Windows)
+    from .wakeup_windows import EventWaiter, close_event, make_event, pid_alive, ring_event
 
 _IN_DELETE_SELF = 0x400
 _IN_MOVE_SELF = 0x800
 _RUNG = MODIFIED | _IN_DELETE_SELF | _IN_MOVE_SELF
 #: Without a bell to ring, a waiter polls; this caps its sleep.
 POLL_CAP = 0.1
-#: A waiter looks again at least this often, whatever it was told: a lost ring costs
-#: at most this much.
-SAFETY_NET = 1.0
+#: A waiter looks again at least this often, whatever it was told: a lost ring, or a
+#: wall clock corrected forward past a lease's end, costs at most this much. Every
+#: hand-over rings and every process's exit is heard on the witness, so this is only
+#: a net: each look costs a blocked waiter ~0.1-0.3 ms of CPU, and a look per second
+#: was most of what waiting cost (the target: at most 1 ms per 5 s).
+SAFETY_NET = 4.0
+#: Where no inotify watches the witness file (FIFO and event wake-ups), nothing wakes a
+#: waiter when the holder dies: it looks again this often, and finds the holder's
+#: witness byte free.
+DEATH_NET = 0.2
 
 
 class _SharedInotifyWaiter(InotifyWaiter):
@@ -100,12 +116,35 @@ class _OwnBell:
     def __init__(self, path: str, fd: int) -> None:
         self.path, self.fd, self.pid = path, fd, os.getpid()
         self.name = os.path.basename(path)
+        #: The FIFO's two ends (``wakeup_fifo``), or the event's handle in ``read_fd``.
+        self.read_fd = self.write_fd = self.event = -1
+        try:
+            if WAKEUP == "fifo":
+                self.read_fd, self.write_fd = make_fifo(path + FIFO_SUFFIX)
+            elif WAKEUP == "event" and sys.platform == "win32":
+                self.event = make_event(self.name)
+        except OSError:
+            self._drop()
+            raise
+
+    def _drop(self) -> None:
+        for fd in (self.read_fd, self.write_fd):
+            if fd >= 0:
+                os.close(fd)
+        if sys.platform == "win32" and self.event >= 0:
+            close_event(self.event)
+        self.read_fd = self.write_fd = self.event = -1
+        for path in (self.path + FIFO_SUFFIX, self.path):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        os.close(self.fd)
 
     def __del__(self) -> None:
         if self.pid == os.getpid():
             try:
-                os.close(self.fd)
-                os.unlink(self.path)
+                self._drop()
             except OSError:
                 pass
 
@@ -143,7 +182,7 @@ class Bells:
 
     def make(self) -> Optional[str]:
         """The calling thread's bell, or ``None`` where bells cannot wake anyone."""
-        if libc() is None:
+        if WAKEUP is None or (WAKEUP == "inotify" and libc() is None):
             return None
         bells = getattr(_own, "bells", None)
         if bells is None:
@@ -166,7 +205,11 @@ class Bells:
         except BrokerLockError as exc:
             log.debug("no bell for a waiter (%s); it will poll", exc)
             return None
-        bells[self.directory] = _OwnBell(self._path(name), fd)
+        try:
+            bells[self.directory] = _OwnBell(self._path(name), fd)
+        except OSError as exc:
+            log.debug("no %s for a waiter's bell (%s); it will poll", WAKEUP, exc)
+            return None
         return name
 
     def news(self) -> bytes:
@@ -191,6 +234,10 @@ class Bells:
             pid = name.split(".", 1)[0]
             if not pid.isdigit():
                 continue
+            if sys.platform == "win32":  # (os.kill(pid, 0) would terminate it there)
+                if not pid_alive(int(pid)):
+                    self.discard(name)
+                continue
             try:
                 os.kill(int(pid), 0)
             except ProcessLookupError:
@@ -200,6 +247,15 @@ class Bells:
 
     def waiter(self, bell: Optional[str]) -> Waiter:
         """Sleep until ``bell`` rings or a process of the store exits."""
+        if WAKEUP in ("fifo", "event") and bell is not None:
+            own: Optional[_OwnBell] = getattr(_own, "bells", {}).get(self.directory)
+            if own is None or own.name != bell or own.pid != os.getpid():
+                return BackoffWaiter(POLL_CAP)
+            if sys.platform == "win32" and own.event >= 0:
+                return EventWaiter(own.event)
+            if own.read_fd >= 0:
+                return FifoWaiter(own.read_fd)
+            return BackoffWaiter(POLL_CAP)
         lib = libc()
         if bell is None or lib is None:
             return BackoffWaiter(POLL_CAP)
@@ -242,7 +298,7 @@ class Bells:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
-                bound = SAFETY_NET
+                bound = SAFETY_NET if WAKEUP == "inotify" else DEATH_NET
                 if expires is not None:
                     bound = min(bound, max(0.0, expires - clock()) + 0.001)
                 waiter.wait(bound if remaining is None else min(bound, remaining))
@@ -266,12 +322,18 @@ class Bells:
         except OSError as exc:
             _RUNG_BELLS.drop(path)
             log.debug("could not ring bell %s: %s", bell, exc)
+            return
+        if WAKEUP == "fifo":
+            ring_fifo(path + FIFO_SUFFIX)
+        elif WAKEUP == "event" and sys.platform == "win32":
+            ring_event(bell)
 
     def discard(self, bell: Optional[str]) -> None:
         """Remove the bell of a waiter that died."""
-        if not bell or os.sep in bell or bell.startswith("."):
+        if not bell or os.sep in bell or "/" in bell or bell.startswith("."):
             return
-        try:
-            os.unlink(self._path(bell))
-        except OSError:
-            pass
+        for path in (self._path(bell) + FIFO_SUFFIX, self._path(bell)):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass

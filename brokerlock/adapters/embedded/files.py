@@ -18,7 +18,7 @@ import time
 import weakref
 from typing import Callable, Dict, Optional, Set
 
-from ..._platform import HAVE_FCNTL
+from ..._platform import HAVE_FCNTL, HAVE_LOCKFILEEX
 from ...errors import BrokerLockError
 
 #: Times a busy lock held for microseconds (a record's flock, SQLite's write lock) is
@@ -38,19 +38,27 @@ O_BINARY: int = getattr(os, "O_BINARY", 0)
 
 #: Why the lock-file store cannot work here, for the error that says so.
 NO_FLOCK = (
-    f"FileAdapter needs flock(), which {sys.platform} does not have; "
+    f"FileAdapter needs flock() or LockFileEx(), which {sys.platform} does not have; "
     "use SQLiteAdapter on this platform"
 )
 
 # Whole-file kernel locks and positioned I/O, split by platform in a way mypy follows:
 # adapters call these, never fcntl.flock or os.pread, so they type-check on Windows.
 if sys.platform == "win32":
+    if HAVE_LOCKFILEEX:  # (a test pretending to be Windows has no msvcrt)
+        from .winlock import RECORD_LOCK_AT, lock_range, unlock_range
 
     def lock_file(fd: int, *, shared: bool = False, blocking: bool = True) -> bool:
-        raise BrokerLockError(NO_FLOCK)
+        """Lock the open file (one byte past its data: see ``winlock``); with
+        ``blocking=False``, False when another handle holds it."""
+        if not HAVE_LOCKFILEEX:
+            raise BrokerLockError(NO_FLOCK)
+        return lock_range(fd, RECORD_LOCK_AT, shared=shared, blocking=blocking)
 
     def unlock_file(fd: int) -> None:
-        raise BrokerLockError(NO_FLOCK)
+        if not HAVE_LOCKFILEEX:
+            raise BrokerLockError(NO_FLOCK)
+        unlock_range(fd, RECORD_LOCK_AT)
 
     def read_at(fd: int, size: int, offset: int) -> bytes:
         os.lseek(fd, offset, os.SEEK_SET)

@@ -15,6 +15,42 @@ if TYPE_CHECKING:
     from .bells import Bells
 
 
+#: How long a waiter's place in the queue lasts unless renewed, which the waiter does
+#: while it waits; bounds the stall a waiter that vanished without a trace can cause.
+QUEUE_ENTRY_LIFE = 6.0
+#: The same for a place that carries its process's witness mark. A killed waiter's place
+#: is then dropped at once (its byte is free), so the deadline only bounds a place a live
+#: process leaked (a failed departure): renewing it every 2 s would be most of what a
+#: blocked waiter costs.
+WITNESSED_ENTRY_LIFE = 60.0
+
+
+def entry_life(witness: Optional[str], unwitnessed: float = QUEUE_ENTRY_LIFE) -> float:
+    """How long a waiter's queue place with this ``witness`` mark lives unrenewed."""
+    return unwitnessed if witness is None else max(unwitnessed, WITNESSED_ENTRY_LIFE)
+
+
+class Renewal:
+    """When a waiter's queue place (deadline: the store's clock + ``life``) is due for
+    renewal: after a third of its life on the monotonic clock, or on the store's clock,
+    whichever comes first. A place written while the wall clock was stepped back looks
+    run out once the clock is corrected: the waiter must renew it at its next look, not
+    a monotonic third of a long life later, or it waits behind nobody."""
+
+    def __init__(self, life: float) -> None:
+        self.life = life
+        self._by_ticks = 0.0
+        self._by_clock = float("-inf")
+
+    def due(self, now: float) -> bool:
+        return time.monotonic() >= self._by_ticks or now >= self._by_clock
+
+    def done(self, now: float) -> None:
+        """Record a renewal to ``now + life`` made at store time ``now``."""
+        self._by_ticks = time.monotonic() + self.life / 3
+        self._by_clock = now + self.life / 3
+
+
 class EmbeddedStore(Adapter):
     def __init__(
         self, witness_path: str, bells_dir: str, clock: Optional[Callable[[], float]] = None

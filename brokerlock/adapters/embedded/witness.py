@@ -32,12 +32,9 @@ _RANDOM = random.SystemRandom()
 # POSIX record locks (Windows, or fcntl hidden) HAVE_WITNESS is False and neither
 # function is ever called: every holder counts as alive and its lease alone decides.
 if sys.platform == "win32":
-
-    def _try_lock_byte(fd: int, offset: int) -> bool:
-        raise OSError(errno.ENOSYS, "POSIX record locks are not available on " + sys.platform)
-
-    def _unlock_byte(fd: int, offset: int) -> None:
-        raise OSError(errno.ENOSYS, "POSIX record locks are not available on " + sys.platform)
+    # Windows: LockFileEx byte locks, dropped by the OS when their process ends (see
+    # witness_windows). A Windows process is never forked, so the fork trap is moot.
+    from .witness_windows import _try_lock_byte, _unlock_byte
 
 else:
     if HAVE_WITNESS:

@@ -7,7 +7,9 @@ readable name is kept inside the record. Each record is read and changed under a
 kernel lock, decides who holds, so that a ttl can take a lock from a holder that
 overran it. The holder's liveness is proved by its witness byte (see ``embedded.witness``),
 which frees a killed holder's lock at once. Waiters sleep in inotify until a record
-is written or a process that used the store exits.
+is written or a process that used the store exits. A record freed while nobody waits
+is removed, its fence kept in the store's floor (see ``record.HighWater``): the
+directory holds only names in use.
 
 ``flock`` is unreliable on NFS and other network file systems: use Redis or
 PostgreSQL for locks shared between hosts.
@@ -15,12 +17,12 @@ PostgreSQL for locks shared between hosts.
 
 from __future__ import annotations
 
-import logging
 import os
+import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..._platform import HAVE_FCNTL
+from ..._platform import HAVE_FILE_LOCKS
 from ...errors import BrokerLockError
 from ..base import Lease, Request
 from ..embedded.clock import BOOT_ID, new_pin, parse_pin, pin_text
@@ -38,14 +40,12 @@ from ..embedded.files import (
     write_at,
 )
 from ..embedded.store import EmbeddedStore, grant_news
-from .record import Record, decode, encode, leased, stamp, stamp_text
+from .record import HighWater, Record, decode, encode, leased, stamp, stamp_text
 from .waiting import QueuePlace
 
-log = logging.getLogger("brokerlock")
-
 _SUFFIX = ".lock"
-#: How long a waiter's place in a queue lasts unless the waiter renews it, which it does
-#: while it waits; bounds the stall a waiter that vanished without a trace can cause.
+#: How long a waiter's place without a witness mark lasts unless renewed (see
+#: ``embedded.store.entry_life``).
 QUEUE_ENTRY_LIFE = 6.0
 
 #: A queue entry: ``[token, witness, until, bell, ttl, host, pid, thread]``, all that
@@ -54,6 +54,24 @@ _ENTRY_SIZE = 8
 _READ_SIZE = 65536
 #: Each thread keeps its last few records open (see ``KeptFiles``).
 _RECORDS = KeptFiles(8, lambda path: open_private(path, os.O_RDWR))
+#: And the fence file of the store it used last (see ``HighWater``).
+_MARKS = KeptFiles(1, lambda path: open_private(path, os.O_RDWR))
+
+
+if sys.platform == "win32":
+
+    def _links_and_size(fd: int) -> Tuple[int, int]:
+        # Windows refuses to delete or replace a file that a handle holds open without
+        # FILE_SHARE_DELETE, which os.open never asks for: the record under our handle is
+        # the one at the path. And fstat() costs milliseconds there (13 ms under Wine),
+        # where seeking to the end gives the size in microseconds.
+        return 1, os.lseek(fd, 0, os.SEEK_END)
+
+else:
+
+    def _links_and_size(fd: int) -> Tuple[int, int]:
+        info = os.fstat(fd)
+        return info.st_nlink, info.st_size
 
 
 def file_name(name: str) -> str:
@@ -68,8 +86,8 @@ class FileAdapter(EmbeddedStore):
 
     ``directory`` is created ``0700`` if missing; a directory owned by another user, or
     world-writable without the sticky bit, is refused. File names are hashes of the lock
-    names, which are kept inside the files. POSIX only (``flock``): on Windows it raises
-    :class:`~brokerlock.BrokerLockError`; use :class:`SQLiteAdapter` there. Leases are
+    names, which are kept inside the files. Records are locked with ``flock`` (POSIX) or
+    ``LockFileEx`` (Windows) for microseconds at a time. Leases are
     counted on the host's boot clock, so wall-clock steps move none (see the clocks
     page); ``clock`` replaces that clock, for tests.
     """
@@ -77,7 +95,7 @@ class FileAdapter(EmbeddedStore):
     def __init__(
         self, directory: str | os.PathLike[str], *, clock: Optional[Callable[[], float]] = None
     ) -> None:
-        if not HAVE_FCNTL:
+        if not HAVE_FILE_LOCKS:
             raise BrokerLockError(NO_FLOCK)
         directory = os.fspath(directory)
         if not isinstance(directory, str) or not directory:
@@ -88,6 +106,7 @@ class FileAdapter(EmbeddedStore):
             os.path.join(self.directory, "witness"), os.path.join(self.directory, "bells"), clock
         )
         self._paths: Dict[str, str] = {}
+        self._high_water = HighWater(os.path.join(self.directory, "fence"), _MARKS)
 
     @property
     def store_id(self) -> str:
@@ -129,16 +148,34 @@ class FileAdapter(EmbeddedStore):
         try:
             while True:
                 lock_briefly(fd, path)
-                info = os.fstat(fd)
-                if info.st_nlink:
+                links, size = _links_and_size(fd)
+                if links:
                     break
                 # Removed or replaced since this thread opened it: the file now at the
                 # path is the one everybody else locks.
                 _RECORDS.drop(path)
                 fd = -1  # closed: its number may be another thread's before ours is back
                 fd = _RECORDS.get(path)
-            record, size = self._read(fd, path, name, info.st_size)
+            record, size = self._read(fd, path, name, size)
+            if record is None or record.get("damaged"):
+                # No record (a new name, or one whose record went when it was last
+                # freed) or a damaged one: a free record whose fence is the store's
+                # floor, so that the next lease's fence is above every removed one.
+                record = {"name": name, "token": None, **(record or {}), "fence": self._high_water.read()}
             result, new = change(record)
+            if (new is None and size == 0) or (
+                new is not None and not new.get("token") and not new.get("queue")
+            ):
+                # Free, and nobody waits (or an empty file nobody wrote): the record
+                # goes, its fence kept in the floor first. Unlinked under its flock:
+                # anyone who opened it meanwhile finds it unlinked once they have the
+                # flock, and opens the path anew (above).
+                if new is not None:
+                    self._high_water.raise_to(new["fence"])
+                if _remove(path):
+                    unlock_file(fd)
+                    _RECORDS.drop(path)
+                    return result
             if new is not None:
                 data = encode(new)
                 # Pad over a longer old record instead of truncating: one write, not two;
@@ -246,7 +283,7 @@ class FileAdapter(EmbeddedStore):
         departure, a break); a holder's death closes the witness file, which wakes
         every waiter. An entry carries a deadline that its waiter refreshes, so a
         waiter that vanished without a witness stalls the queue for at most
-        ``QUEUE_ENTRY_LIFE``.
+        ``entry_life``.
         """
         lease = self.try_acquire(request)
         if lease is not None or timeout == 0:
@@ -368,6 +405,15 @@ class FileAdapter(EmbeddedStore):
         return bool(
             self._free(name, "break", lambda record: True if self._holds(record, self._clock()) else None)
         )
+
+
+def _remove(path: str) -> bool:
+    """Unlink a record; if that fails, it stays (free), as records did before."""
+    try:
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
 
 
 def _forget(fd: int, path: str) -> None:

@@ -12,13 +12,12 @@ goes through the json module as before.
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..._log import log
 from ...errors import BrokerLockError
 from ..base import clock_fence
-
-log = logging.getLogger("brokerlock")
+from ..embedded.files import lock_file, read_at, unlock_file, write_at
 
 Record = Dict[str, Any]
 
@@ -136,3 +135,46 @@ def leased(
         "queue": queue,
     }
 
+
+
+class HighWater:
+    """The store's fence floor: the highest fence of any record it removed, in one
+    small file beside the records.
+
+    A released name's record is removed when nobody waits for it, taking its fence
+    with it; a record made anew for the name starts above this mark, so no fence of a
+    name ever repeats, even when the wall clock steps back. The mark is raised under
+    its own flock *before* the record is unlinked, under the record's flock (taken
+    first, always in that order): whoever makes the record anew can only do so after
+    the unlink, and then reads a mark that covers it.
+    """
+
+    def __init__(self, path: str, files: Any) -> None:
+        self.path = path
+        self._files = files  # a KeptFiles of read-write descriptors
+
+    def _value(self, fd: int) -> int:
+        text = read_at(fd, 64, 0).strip()
+        try:
+            return int(text or b"0")
+        except ValueError:
+            log.warning("fence file %s is damaged; new fences follow the clock alone", self.path)
+            return 0
+
+    def read(self) -> int:
+        fd = self._files.get(self.path)
+        lock_file(fd, shared=True)
+        try:
+            return self._value(fd)
+        finally:
+            unlock_file(fd)
+
+    def raise_to(self, fence: int) -> None:
+        fd = self._files.get(self.path)
+        lock_file(fd)
+        try:
+            if fence > self._value(fd):
+                # Fixed width: one write replaces the whole value.
+                write_at(fd, b"%020d\n" % fence, 0)
+        finally:
+            unlock_file(fd)

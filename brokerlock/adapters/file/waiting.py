@@ -8,10 +8,10 @@ the one cleanup finds what is ours.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 from ..base import Lease, Request
+from ..embedded.store import Renewal, entry_life
 from .record import Record
 
 if TYPE_CHECKING:
@@ -31,9 +31,8 @@ class QueuePlace:
         self.request = request
         self.witness = witness
         self.bell = bell
-        self.life = life
-        #: When our place must be renewed (monotonic), lest others drop it.
-        self.refresh_at = 0.0
+        #: When our place must be renewed, lest others drop it.
+        self.renewal = Renewal(entry_life(witness, life))
         #: The bell of a new head to ring after this step (dead waiters were dropped).
         self.wake: Optional[str] = None
 
@@ -59,16 +58,16 @@ class QueuePlace:
         if changed and free and queue:
             self.wake = queue[0][3]  # dead waiters were dropped: tell the new head
         place = next((i for i, e in enumerate(queue) if e[0] == token), None)
-        if place is None or time.monotonic() >= self.refresh_at:
+        if place is None or self.renewal.due(now):
             entry = [
-                token, self.witness, now + self.life, self.bell,
+                token, self.witness, now + self.renewal.life, self.bell,
                 request.ttl, request.host, request.pid, request.thread,
             ]
             if place is None:
                 queue.append(entry)
             else:
                 queue[place] = entry  # a refresh keeps the place in line
-            self.refresh_at = time.monotonic() + self.life / 3
+            self.renewal.done(now)  # (written when the record is: a failed write raises)
             changed = True
         if not changed:
             return expiry(record), None

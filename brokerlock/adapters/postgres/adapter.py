@@ -1,8 +1,9 @@
 """PostgreSQL store: one row per lock name, changed by single atomic statements.
 
 Acquire is one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <free> RETURNING fence``
-timed by the server's ``clock_timestamp()``. Rows are never deleted (release clears the
-token), so a name's fence keeps growing, durably, across restarts.
+timed by the server's ``clock_timestamp()``. A row freed while nobody waits is deleted,
+its fence kept in the store's floor (see ``postgres.sql``), so a name's fence keeps
+growing, durably, across restarts, while the table holds only names in use.
 
 Why lease rows *and* advisory locks: a session-level advisory lock alone dies with its
 session, which is exactly right for a crashed holder, but it has no ttl, no fence and
@@ -32,10 +33,10 @@ bound of the server's clock, whatever the skew.
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar
 
+from ..._log import log
 from ...errors import BrokerLockError
 from ..base import Adapter, Lease, Request
 from . import sql as statements
@@ -47,14 +48,14 @@ from .url import DEFAULT_TABLE, display_url, split_url, table_parts
 if TYPE_CHECKING:
     import psycopg
 
-log = logging.getLogger("brokerlock")
 
 T = TypeVar("T")
 
-#: Waiters look again at least this often, whatever they were told.
-RECHECK = 1.0
-#: A new waiter's first look, if nothing woke it; each later one comes twice as late.
-FIRST_LOOK = 0.02
+#: Waiters look again at least this often, whatever they were told: a dead holder is
+#: noticed by looking (nothing notifies of it), a release notifies.
+RECHECK = 3.0
+#: A new waiter's first look, if nothing woke it; each later one comes ten times as late (up to RECHECK).
+FIRST_LOOK = 0.05
 #: The local clock that carries the server's, read by a waiter's latest statement, forward.
 _ticks = time.monotonic
 #: Names remembered as contended, at most (past it, the memory starts afresh).
@@ -72,7 +73,7 @@ CONNECT_DEFAULTS = {
 }
 #: A queued waiter that has not renewed its place for this many seconds is skipped (it
 #: stalled; a dead process's waiters are skipped at once, as their session ended).
-QUEUE_PATIENCE = 5.0
+QUEUE_PATIENCE = 15.0
 #: The advisory lock that serialises table creation between clients starting at once.
 SCHEMA_LOCK = 0x62726F6B65726C6B  # "brokerlk"
 
@@ -239,7 +240,7 @@ class PostgresAdapter(Adapter):
                 if remaining is not None and remaining <= 0:
                     break
                 bound = min(look, RECHECK if remaining is None else min(RECHECK, remaining))
-                look *= 2
+                look *= 10
                 if left is not None:
                     # An expiring lease notifies nobody: look again when it ends.
                     bound = min(bound, max(0.0, left) + 0.001)

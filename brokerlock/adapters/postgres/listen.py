@@ -12,7 +12,6 @@ attempt runs stays in its socket until the next wait.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import secrets
@@ -22,10 +21,11 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from ..._log import log
+
 if TYPE_CHECKING:
     import psycopg
 
-log = logging.getLogger("brokerlock")
 
 #: Channels are this prefix + the listener's id.
 CHANNEL_PREFIX = "brokerlock_"

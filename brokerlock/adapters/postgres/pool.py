@@ -13,20 +13,19 @@ timeouts (``CONNECT_DEFAULTS``) give up on it.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Set, Tuple, TypeVar
 
+from ..._log import log
 from ...errors import BrokerLockError
 
 if TYPE_CHECKING:
     import psycopg
     from psycopg import pq
 
-log = logging.getLogger("brokerlock")
 
 T = TypeVar("T")
 

@@ -10,19 +10,18 @@ in ``pg_locks``, without trusting PIDs or clocks. It is ``embedded.witness`` for
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import secrets
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
+from ..._log import log
 from ..watch import Listeners, OnGone, watch_socket
 
 if TYPE_CHECKING:
     import psycopg
 
-log = logging.getLogger("brokerlock")
 
 
 class _Presence:

@@ -14,7 +14,19 @@ host, pid, thread, presence key), so the statement that frees a lock gives it to
 live head of the queue at once and NOTIFYs the head with the lease; the head returns
 without another round trip, and no newcomer can slip in between. Statements that lock
 both a lock row and queue rows lock the lock row first, so they cannot deadlock.
+
+Released names leave no row behind: a release or break that finds no queue
+row for the name deletes its row instead of clearing it, and keeps its fence in the
+store's floor, the row named ``''`` (no lock can have that name), which ``list`` never
+shows (it has no token). A name's first row gets ``max(now in µs, floor + 1)``, so no
+fence repeats even with the server's clock stepped back. One race costs fairness,
+never exclusion: a release whose snapshot predates a waiter's place deletes the row,
+and a newcomer may then take the lock ahead of that waiter (which sees the lock taken,
+or takes it, at its next look).
 """
+
+#: The store's fence floor: the highest fence of any row deleted (see above).
+FLOOR = "coalesce((SELECT f.fence FROM {t} f WHERE f.name = ''), 0) + 1"
 
 
 def dead(key: str) -> str:
@@ -95,15 +107,24 @@ UPDATE {{t}} AS t SET
     acquired_at = c.now, expires_at = c.now + h.ttl * interval '1 second',
     host = h.host, pid = h.pid, thread = h.thread, holder = h.holder
 FROM o CROSS JOIN (SELECT clock_timestamp() AS now) c LEFT JOIN h ON true
-WHERE t.name = %(name)s
+WHERE t.name = %(name)s AND (h.member IS NOT NULL OR EXISTS (SELECT 1 FROM {{q}} w WHERE w.name = %(name)s))
 RETURNING o.intact, h.member, t.fence, extract(epoch FROM t.acquired_at)::float8 AS acquired,
           extract(epoch FROM t.expires_at)::float8 AS expires
+), gone AS (
+DELETE FROM {{t}} AS t USING o
+WHERE t.name = %(name)s AND NOT EXISTS (SELECT 1 FROM h)
+  AND NOT EXISTS (SELECT 1 FROM {{q}} w WHERE w.name = %(name)s)
+RETURNING o.intact, t.fence
+), kept AS (
+INSERT INTO {{t}} AS t (name, fence) SELECT '', gone.fence FROM gone
+ON CONFLICT (name) DO UPDATE SET fence = GREATEST(t.fence, excluded.fence)
 ), d AS (
 DELETE FROM {{q}} WHERE token = (SELECT member FROM g)
 )
 SELECT g.intact,
        CASE WHEN g.member IS NOT NULL THEN pg_notify(%(prefix)s || split_part(g.member, ':', 2), {_GRANT}) END
-FROM g"""
+FROM g
+UNION ALL SELECT gone.intact, NULL FROM gone"""
 
 
 # The token matched: the lease is freed (and maybe handed over) whether or not it was
@@ -117,11 +138,13 @@ FORCE = _hand_over(f"SELECT true AS intact FROM {{t}} WHERE name = %(name)s AND 
 
 # The queue is looked at in the conflict clause, which sees the row's latest version
 # (locked): a waiter whose attempt crosses a hand-over to it finds its own token there
-# and keeps the lock instead of queueing again. Only a name's very first row is taken
-# without that look, and nobody can wait for a name that has no row yet.
+# and keeps the lock instead of queueing again. Only a name's first row is taken without
+# that look. (Looking at the queue before proposing the row too, with the statement's
+# snapshot, hid such a crossing hand-over: the waiter queued again while holding, and
+# a timeout then stranded the lock; tests/test_postgres_handover.py caught it.)
 _TAKE = f"""took AS (
 INSERT INTO {{t}} AS t (name, token, fence, acquired_at, expires_at, host, pid, thread, holder)
-SELECT %(name)s, %(token)s, (extract(epoch FROM c.now) * 1000000)::int8,
+SELECT %(name)s, %(token)s, GREATEST((extract(epoch FROM c.now) * 1000000)::int8, {FLOOR.format(t="{t}")}),
        c.now, c.now + %(ttl)s::float8 * interval '1 second',
        %(host)s, %(pid)s, %(thread)s, %(holder)s::int8
 FROM c WHERE {alive('%(holder)s::int8')}

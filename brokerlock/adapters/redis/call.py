@@ -26,14 +26,14 @@ dropped connection); a client handed to the adapter keeps redis-py's path.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any, List, Sequence
+
+from ..._log import log
 
 if TYPE_CHECKING:
     import redis
     from redis.commands.core import Script
 
-log = logging.getLogger("brokerlock")
 
 
 def pack(words: Sequence[Any]) -> bytes:

@@ -6,6 +6,12 @@ presence channels (see ``redis.presence``), which ``PUBSUB NUMSUB`` counts.
 
 A queue member is ``<token>|<presence channel>``, so a script can tell that a waiter
 died without another key.
+
+A released name leaves no key behind: its lease hash is deleted, its queue
+keys vanish with their last member (or expire), and fences come from one counter for
+the whole store, ``max(last fence + 1, server time in µs)``, so no per-name key is
+needed to keep a name's fences growing. A per-name fence key that an earlier version
+left is honoured once and dropped.
 """
 
 #: Shared by the scripts: liveness, the queue's head (dropping dead and stalled
@@ -20,6 +26,19 @@ local function alive(presence)
     return redis.call('PUBSUB', 'NUMSUB', presence)[2] > 0
 end
 local function token_of(member) return string.match(member, '^[^|]*') end
+-- The next fence of the store (KEYS: its counter, and the name's key of an earlier
+-- version, dropped once read).
+local function next_fence(store_key, legacy_key, now)
+    local legacy = redis.call('GET', legacy_key)
+    local fence = math.max(tonumber(redis.call('GET', store_key) or '0') + 1, now)
+    if legacy then
+        fence = math.max(fence, tonumber(legacy) + 1)
+        redis.call('DEL', legacy_key)
+    end
+    fence = string.format('%.0f', fence)
+    redis.call('SET', store_key, fence)
+    return fence
+end
 local function drop(queue, waiting, member)
     redis.call('ZREM', queue, member)
     redis.call('ZREM', waiting, member)
@@ -62,7 +81,7 @@ local function wake(queue, waiting, signals, ttl, grace)
 end
 -- Hand the free lock to the first live waiter that left its request, in this script,
 -- and push the lease onto its wake-up list; else wake it (or nobody) as before.
-local function grant(lock, fence_key, queue, waiting, signals, ttl, grace, name)
+local function grant(lock, fence_key, queue, waiting, signals, ttl, grace, name, fences)
     if redis.call('EXISTS', queue) == 0 then return end
     local now = now_us()
     local first = head(queue, waiting, math.floor(now / 1000))
@@ -71,9 +90,7 @@ local function grant(lock, fence_key, queue, waiting, signals, ttl, grace, name)
     if not want then return wake(queue, waiting, signals, ttl, grace) end
     local w = cjson.decode(want)
     local token = token_of(first)
-    local fence = math.max(tonumber(redis.call('GET', fence_key) or '0') + 1, now)
-    fence = string.format('%.0f', fence)
-    redis.call('SET', fence_key, fence)
+    local fence = next_fence(fences, fence_key, now)
     local expires = ''
     if w[1] ~= '' then expires = string.format('%.0f', now + tonumber(w[1]) * 1000) end
     local acquired = string.format('%.0f', now)
@@ -89,7 +106,7 @@ local function grant(lock, fence_key, queue, waiting, signals, ttl, grace, name)
 end
 """
 
-# KEYS: lock, fence, queue, waiting, our wake-up list. ARGV: token, ttl ms, name, host,
+# KEYS: lock, fence, queue, waiting, our wake-up list, the store's fences. ARGV: token, ttl ms, name, host,
 # pid, thread, grace ms, presence, member, patience ms, queued ('1': wait in the queue if
 # not taken), the request for a direct hand-over (JSON: ttl ms, host, pid, thread).
 # Returns the lease's {fence, acquired, expires} (strings), or four integers:
@@ -143,9 +160,7 @@ if first and first ~= member then
     return {1, hurry(KEYS[4], first, now_ms, tonumber(ARGV[7])), position, now_ms}
 end
 if first then drop(KEYS[3], KEYS[4], member) end
-local fence = math.max(tonumber(redis.call('GET', KEYS[2]) or '0') + 1, now)
-fence = string.format('%.0f', fence)
-redis.call('SET', KEYS[2], fence)
+local fence = next_fence(KEYS[6], KEYS[2], now)
 local expires = ''
 if ARGV[2] ~= '' then expires = string.format('%.0f', now + tonumber(ARGV[2]) * 1000) end
 local acquired = string.format('%.0f', now)
@@ -157,27 +172,28 @@ if ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return {fence, acquired, expires}
 """
 
-# KEYS: lock, fence, queue, waiting. ARGV: member, signal key prefix, signal ttl, grace,
-# name. A waiter that gives up passes the lock or the wake-up on, so the queue behind it
-# never stalls; one that was handed the lock as it gave up releases it.
+# KEYS: lock, fence, queue, waiting, the store's fences. ARGV: member, signal key
+# prefix, signal ttl, grace, name. A waiter that gives up passes the lock or the wake-up
+# on, so the queue behind it never stalls; one that was handed the lock as it gave up
+# releases it.
 LEAVE = QUEUE + """
 drop(KEYS[3], KEYS[4], ARGV[1])
 local held = redis.call('HMGET', KEYS[1], 'token', 'presence')
 if held[1] == token_of(ARGV[1]) then redis.call('DEL', KEYS[1]); held = {} end
 if not held[1] or not alive(held[2]) then
-    grant(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+    grant(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], ARGV[3], ARGV[4], ARGV[5], KEYS[5])
 end
 """
 
-# KEYS: lock, fence, queue, waiting. ARGV: token, signal key prefix, signal ttl, grace,
-# name. An expired lease's key is already gone, so "token matches" also means
+# KEYS: lock, fence, queue, waiting, the store's fences. ARGV: token, signal key
+# prefix, signal ttl, grace, name. An expired lease's key is already gone, so "token matches" also means
 # "unexpired"; a lease whose presence ended was free for the taking meanwhile, so it
 # counts as lost too. The first live waiter gets the lock in this script.
 RELEASE = QUEUE + """
 local held = redis.call('HMGET', KEYS[1], 'token', 'presence')
 if held[1] ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
-grant(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+grant(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], ARGV[3], ARGV[4], ARGV[5], KEYS[5])
 if alive(held[2]) then return 1 end
 return 0
 """

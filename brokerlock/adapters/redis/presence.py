@@ -12,16 +12,14 @@ publishes on the channel, so the connection costs nothing while it sits there.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import secrets
 import threading
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from ..._log import log
 from ..watch import Listeners, OnGone, watch_socket
-
-log = logging.getLogger("brokerlock")
 
 #: How long to wait for the server to confirm the subscription.
 SUBSCRIBE_TIMEOUT = 5.0

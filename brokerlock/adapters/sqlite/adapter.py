@@ -1,11 +1,13 @@
 """SQLite store: one row per lock name, changed by single atomic statements.
 
 Acquire is one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <free> RETURNING fence``.
-Rows are never deleted (release only clears the token), so the fence of a name keeps
-growing across releases, processes and restarts. A holder's process is proved alive by
-its witness byte (see ``embedded.witness``), so a killed holder's lock is free at once. Waiters
-queue in a table; a release grants the lock to the first live one in the same statement
-and rings its bell (see ``embedded.bells``). Connections and retries: ``sqlite.conn``.
+A row freed while nobody waits is deleted in the freeing statement, and the store's
+fence floor keeps its fence (see ``sql``), so the fence of a name keeps growing across
+releases, processes and restarts while the table holds only names in use. A holder's
+process is proved alive by its witness byte (see ``embedded.witness``), so a killed
+holder's lock is free at once. Waiters queue in a table; a release grants the lock to
+the first live one in the same statement and rings its bell (see ``embedded.bells``).
+Connections and retries: ``sqlite.conn``.
 
 Good for one host. SQLite's locking is unreliable on NFS and other network file
 systems: use Redis or PostgreSQL for locks shared between hosts.
@@ -27,8 +29,8 @@ from .conn import SQLiteConnections, _OutOfTime, _prepare_database_file
 from .pool import Pool
 from .waiting import QueuePlace
 
-#: How long a waiter's place in the queue lasts unless renewed, which the waiter does
-#: while it waits; bounds the stall a waiter that vanished without a trace can cause.
+#: How long a waiter's place without a witness mark lasts unless renewed (see
+#: ``embedded.store.entry_life``).
 QUEUE_ENTRY_LIFE = 6.0
 
 

@@ -1,9 +1,18 @@
 """The SQL of the SQLite store, kept apart from the code that runs it.
 
-Two tables: ``brokerlock_locks`` holds one lease row per name, never deleted (release
-clears the token), and a fence is ``max(previous + 1, now in µs)``, so fences grow
-forever, even past a lost write or a store made anew; ``brokerlock_waiters`` is the FIFO queue.
-Triggers take a waiter out of the queue in the same statement that grants it the lock.
+``brokerlock_locks`` holds one lease row per name in use; ``brokerlock_waiters`` is
+the FIFO queue. Triggers take a waiter out of the queue in the same statement that
+grants it the lock.
+
+Released names leave nothing behind: a row whose lease is cleared while
+nobody waits for its name, or whose last waiter leaves while it is free, is deleted
+by a trigger in the same statement, so never while anyone waits (a waiter's queue row
+keeps it) and never under a holder. A fence is ``max(previous + 1, now in µs)``, and
+a new row's ``max(now in µs, the store's floor + 1)``: ``brokerlock_fence`` keeps the
+highest fence of any row deleted, raised by a trigger in the deleting statement, so a
+name whose row was deleted never gets a fence again that it had, even if the wall
+clock steps back. (Raised on deletion, not on every grant: a grant writes no more
+than it did.)
 """
 
 SCHEMA = (
@@ -39,6 +48,42 @@ CREATE TABLE IF NOT EXISTS brokerlock_waiters (
 CREATE INDEX IF NOT EXISTS brokerlock_waiters_name ON brokerlock_waiters (name, ticket)
 """,
     """
+CREATE TABLE IF NOT EXISTS brokerlock_fence (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    hwm INTEGER NOT NULL
+)
+""",
+    # A store made by an earlier version starts from the highest fence it holds.
+    """
+INSERT OR IGNORE INTO brokerlock_fence (id, hwm)
+SELECT 0, COALESCE(MAX(fence), 0) FROM brokerlock_locks
+""",
+    """
+CREATE TRIGGER IF NOT EXISTS brokerlock_fence_kept AFTER DELETE ON brokerlock_locks
+BEGIN UPDATE brokerlock_fence SET hwm = OLD.fence WHERE id = 0 AND hwm < OLD.fence; END
+""",
+    """
+CREATE TRIGGER IF NOT EXISTS brokerlock_freed AFTER UPDATE OF token ON brokerlock_locks
+WHEN NEW.token IS NULL
+BEGIN
+    DELETE FROM brokerlock_locks WHERE name = NEW.name AND token IS NULL
+    AND NOT EXISTS (SELECT 1 FROM brokerlock_waiters w WHERE w.name = NEW.name);
+END
+""",
+    """
+CREATE TRIGGER IF NOT EXISTS brokerlock_left AFTER DELETE ON brokerlock_waiters
+BEGIN
+    DELETE FROM brokerlock_locks WHERE name = OLD.name AND token IS NULL
+    AND NOT EXISTS (SELECT 1 FROM brokerlock_waiters w WHERE w.name = OLD.name);
+END
+""",
+    # Rows a store made by an earlier version kept for released names (their fences
+    # are in the high-water mark above).
+    """
+DELETE FROM brokerlock_locks WHERE token IS NULL
+AND NOT EXISTS (SELECT 1 FROM brokerlock_waiters w WHERE w.name = brokerlock_locks.name)
+""",
+    """
 CREATE TRIGGER IF NOT EXISTS brokerlock_granted_new AFTER INSERT ON brokerlock_locks
 WHEN NEW.token IS NOT NULL
 BEGIN DELETE FROM brokerlock_waiters WHERE name = NEW.name AND token = NEW.token; END
@@ -65,9 +110,15 @@ FREE = "(brokerlock_locks.token IS NULL OR brokerlock_locks.expires_at <= :now)"
 NO_QUEUE = (
     "NOT EXISTS (SELECT 1 FROM brokerlock_waiters w WHERE w.name = :name AND w.until > :now)"
 )
+#: The floor of a new fence besides the name's own previous one (see above).
+FLOOR = "MAX(:clock_fence, (SELECT hwm FROM brokerlock_fence WHERE id = 0) + 1)"
+#: A name without a row is free, but a newcomer still must not overtake a waiter that
+#: queued for it: the row is proposed only when ``{queue}`` allows (the WHERE also
+#: keeps SQLite from reading ON CONFLICT as part of the SELECT).
 ACQUIRE = f"""
 INSERT INTO brokerlock_locks ({COLUMNS})
-VALUES (:name, :token, :clock_fence, :now, :expires, :host, :pid, :thread, :witness)
+SELECT :name, :token, {FLOOR}, :now, :expires, :host, :pid, :thread, :witness
+WHERE {{queue}}
 ON CONFLICT(name) DO UPDATE SET
     token = excluded.token, fence = MAX(brokerlock_locks.fence + 1, excluded.fence),
     acquired_at = excluded.acquired_at, expires_at = excluded.expires_at,
@@ -168,6 +219,10 @@ SCHEMA_NAMES = (
     "brokerlock_waiters_name",
     "brokerlock_granted_new",
     "brokerlock_granted",
+    "brokerlock_fence",
+    "brokerlock_fence_kept",
+    "brokerlock_freed",
+    "brokerlock_left",
     "brokerlock_clock",
 )
 #: How many of SCHEMA_NAMES exist, plus 1 for each table that has its newest column: a

@@ -9,10 +9,10 @@ whichever step an interrupt cuts short, the one cleanup finds what is ours.
 from __future__ import annotations
 
 import sqlite3
-import time
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 from ..base import Lease, Request
+from ..embedded.store import Renewal, entry_life
 from . import sql
 
 if TYPE_CHECKING:
@@ -30,12 +30,11 @@ class QueuePlace:
     ) -> None:
         self.store = store
         self.request = request
-        self.life = life
+        #: When our place must be renewed, lest others prune it.
+        self.renewal = Renewal(entry_life(witness, life))
         #: Our place in the queue; ``None``: not queued (yet, or any more: a grant or our
         #: own take removed it).
         self.ticket: Optional[int] = None
-        #: When our place must be renewed (monotonic), lest others prune it.
-        self.refresh_at = 0.0
         self.entry = {
             "name": request.name, "token": request.token, "witness": witness, "bell": bell,
             "ttl": request.ttl, "host": request.host, "pid": request.pid,
@@ -44,9 +43,9 @@ class QueuePlace:
 
     def join(self, conn: sqlite3.Connection, now: float) -> None:
         """Take a place at the end of the queue (again)."""
-        until = now + self.life
+        until = now + self.renewal.life
         self.ticket = conn.execute(sql.JOIN_QUEUE, {**self.entry, "until": until}).fetchone()[0]
-        self.refresh_at = time.monotonic() + self.life / 3
+        self.renewal.done(now)
 
     def step(self, conn: sqlite3.Connection) -> Step:
         """One look at the store: the lease if we have it or can take it now."""
@@ -55,12 +54,12 @@ class QueuePlace:
         now = store._clock()
         if self.ticket is None:
             self.join(conn, now)
-        elif time.monotonic() >= self.refresh_at:
+        elif self.renewal.due(now):
             if conn.execute(
                 "UPDATE brokerlock_waiters SET until = ? WHERE ticket = ?",
-                (now + self.life, self.ticket),
+                (now + self.renewal.life, self.ticket),
             ).rowcount:
-                self.refresh_at = time.monotonic() + self.life / 3
+                self.renewal.done(now)
             else:
                 # Granted the lock (see below), or our place ran out while we could not
                 # renew it (a pause, a clock step) and someone pruned it: then queue

@@ -1,0 +1,107 @@
+"""Contended hand-overs per second on an embedded store, between N processes.
+
+    python benchmarks/handovers.py                      # sqlite and file, 2 and 8 processes
+    python benchmarks/handovers.py --store file --procs 2,4,8 --seconds 5
+    BROKERLOCK_WAKEUP=fifo python benchmarks/handovers.py   # the macOS wake-up path on Linux
+    .ci/windows.sh --python benchmarks/handovers.py     # as Windows processes, under Wine
+
+Every process takes the lock, increments nothing but its own tally, and releases it,
+in a loop, for a fixed time. The queue is fair (a releaser never overtakes a waiter),
+so with N >= 2 processes nearly every acquisition is a hand-over to another process;
+the figure counts only those (holder changed between consecutive fences). The run
+also checks exclusion: fences are unique and the processes' holds never overlap.
+Standard library only, so that it runs under the embeddable Windows build as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+_WORKER = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from brokerlock import BrokerLock
+url, start, stop, out = sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+item = BrokerLock.from_url(url).item("bench", ttl="30s", timeout="30s")
+item.acquire(); item.release()  # connections, bells and witness made before the clock runs
+holds = []
+while time.time() < start:
+    time.sleep(0.001)
+while time.time() < stop:
+    item.acquire()
+    entered = time.time()
+    fence = item.fence
+    left = time.time()
+    item.release()
+    holds.append((fence, entered, left))
+with open(out, "w") as f:
+    json.dump(holds, f)
+"""
+
+
+def url_for(store: str, directory: str) -> str:
+    if store == "sqlite":
+        return "sqlite:///" + os.path.join(directory, "locks.sqlite3")
+    return "file:///" + directory.replace(os.sep, "/").lstrip("/")
+
+
+def run(store: str, procs: int, seconds: float) -> Dict[str, Any]:
+    with tempfile.TemporaryDirectory() as directory:
+        url = url_for(store, os.path.join(directory, "store"))
+        start = time.time() + 1.0 + 0.5 * procs  # time for every process to start up
+        stop = start + seconds
+        outs = [os.path.join(directory, f"out{i}.json") for i in range(procs)]
+        children = [
+            subprocess.Popen([sys.executable, "-c", _WORKER, ROOT, url, str(start), str(stop), out])
+            for out in outs
+        ]
+        for child in children:
+            if child.wait(timeout=seconds + 120) != 0:
+                raise SystemExit(f"a worker failed with exit status {child.returncode}")
+        holds: List[Any] = []
+        for me, out in enumerate(outs):
+            with open(out) as f:
+                holds.extend((fence, me, entered, left) for fence, entered, left in json.load(f))
+    holds.sort()
+    fences = [h[0] for h in holds]
+    assert len(set(fences)) == len(fences), "two acquisitions got the same fence"
+    for (_, a, _, a_left), (_, b, b_entered, _) in zip(holds, holds[1:]):
+        assert a == b or a_left <= b_entered, "two processes held the lock at once"
+    handovers = sum(1 for a, b in zip(holds, holds[1:]) if a[1] != b[1])
+    return {
+        "store": store, "procs": procs, "seconds": seconds, "acquisitions": len(holds),
+        "handovers": handovers, "handovers_per_s": round(handovers / seconds),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--store", default="sqlite,file")
+    parser.add_argument("--procs", default="2,8")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args()
+    sys.path.insert(0, ROOT)
+    from brokerlock import _platform
+
+    print(f"# {sys.platform} Python {sys.version.split()[0]}, wake-up: {_platform.WAKEUP}, "
+          f"witness: {_platform.HAVE_WITNESS}, {os.cpu_count()} CPUs", flush=True)
+    for store in args.store.split(","):
+        for procs in map(int, args.procs.split(",")):
+            print(json.dumps(run(store, procs, args.seconds)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
