@@ -1,4 +1,4 @@
-"""``logging`` loads only when someone could listen, and no record is lost (issue 17).
+"""``logging`` loads only when someone could listen, and no record is lost.
 
 Each case runs in a fresh interpreter: pytest itself has loaded ``logging`` here.
 """
@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Tuple
+
+from stores import file_url
 
 USE_LOCKS = """
 import sys
@@ -26,7 +28,7 @@ def run(code: str) -> Tuple[str, str]:
 
 
 def urls(tmp_path: Path) -> dict[str, str]:
-    return {"sqlite": f"sqlite:///{tmp_path}/locks.sqlite3", "file": f"file://{tmp_path}/locks"}
+    return {"sqlite": f"sqlite:///{tmp_path}/locks.sqlite3", "file": file_url(tmp_path / "locks")}
 
 
 def test_import_and_locks_do_not_load_logging(tmp_path: Path) -> None:

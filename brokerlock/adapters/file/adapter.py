@@ -110,7 +110,11 @@ class FileAdapter(EmbeddedStore):
 
     @property
     def store_id(self) -> str:
-        return "file://" + os.path.realpath(self.directory)
+        # Resolved once: every item asks for it (see SQLiteAdapter.store_id).
+        store_id: str | None = self.__dict__.get("_store_id")
+        if store_id is None:
+            store_id = self.__dict__["_store_id"] = "file://" + os.path.realpath(self.directory)
+        return store_id
 
     def _read_pin(self) -> float:
         """The store's clock for this boot, in the file ``clock`` (see ``embedded.clock``)."""

@@ -66,7 +66,12 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
 
     @property
     def store_id(self) -> str:
-        return "sqlite://" + os.path.realpath(self.path)
+        # Resolved once: every item asks for it, and realpath costs syscalls (and a
+        # handle on Windows) each time.
+        store_id: str | None = self.__dict__.get("_store_id")
+        if store_id is None:
+            store_id = self.__dict__["_store_id"] = "sqlite://" + os.path.realpath(self.path)
+        return store_id
 
     def _read_pin(self) -> float:
         # (Every new connection reads it too: see sqlite.conn.)
