@@ -15,8 +15,8 @@ from types import TracebackType
 from typing import Any, Callable, Optional, Type, TypeVar
 
 from ._log import log
-from .adapters.base import Adapter, Lease
-from .adapters.inflight import settle
+from .adapters.base import Adapter, Lease, Request
+from .adapters.inflight import Acquisition, settle
 from .durations import Duration, format_duration, parse_duration
 from .errors import BrokerLockError, LockLost, LockTimeout
 from .hold import Hold, mark_lost
@@ -181,23 +181,14 @@ class BrokerLockItem(Owning):
         """
         acquisition = self._begin(self.timeout != 0)
         asked = time.monotonic()
-        try:
-            lease = self._adapter.acquire(acquisition.request, self.timeout)
-            if lease is not None:
-                acquisition.granted(lease)
-                self._took(acquisition, asked, keepalive)
-                return self
-        except BrokerLockError:
-            # The store failed us: cleaning up would wait for it again (a busy SQLite
-            # file, a server that is gone). What it may keep of ours lapses by itself:
-            # a queue place after its patience, a lease by its ttl or with this process.
-            self._forget_acquisition(acquisition)
-            raise
-        except BaseException:
-            self._undo(acquisition)
-            raise
+        timeout = self.timeout
+
+        def wait(request: Request) -> Optional[Lease]:
+            return self._adapter.acquire(request, timeout)
+
+        if self._attempt(acquisition, asked, wait, keepalive):
+            return self
         # Timed out: the adapter left the queue, and nothing is ours.
-        self._forget_acquisition(acquisition)
         waited = time.monotonic() - asked
         holder = self._adapter.get(self.name)
         who = holder.describe() if holder is not None else "its holder just released it"
@@ -214,13 +205,23 @@ class BrokerLockItem(Owning):
         """One attempt that never waits (Deepkit's ``try()``): the item if acquired,
         else ``None``. ``keepalive`` overrides the item's setting for this hold."""
         acquisition = self._begin(False)
-        asked = time.monotonic()
+        if self._attempt(acquisition, time.monotonic(), self._adapter.try_acquire, keepalive):
+            return self
+        return None
+
+    def _attempt(
+        self, acquisition: Acquisition, asked: float,
+        ask: Callable[[Request], Optional[Lease]], keepalive: Optional[bool],
+    ) -> bool:
+        """Ask the store once through ``ask``; ``True`` once the thread owns the lease.
+        On ``False`` nothing is ours: the adapter left the queue, the acquisition is
+        forgotten. On any exception the lease is not ours either (see ``_undo``)."""
         try:
-            lease = self._adapter.try_acquire(acquisition.request)
+            lease = ask(acquisition.request)
             if lease is not None:
                 acquisition.granted(lease)
                 self._took(acquisition, asked, keepalive)
-                return self
+                return True
         except BrokerLockError:
             # The store failed us: cleaning up would wait for it again (a busy SQLite
             # file, a server that is gone). What it may keep of ours lapses by itself:
@@ -231,7 +232,7 @@ class BrokerLockItem(Owning):
             self._undo(acquisition)
             raise
         self._forget_acquisition(acquisition)
-        return None
+        return False
 
     # -- holding ---------------------------------------------------------------
     def _mark_lost(self, hold: Hold, why: str) -> None:
