@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
+from test_cli import Env, Jobs, cli, expect, finish, one_line
 
 from brokerlock.durations import parse_duration
-from tests.test_cli import Env, Jobs, cli, expect, finish, one_line
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the jobs are POSIX shell commands")
 

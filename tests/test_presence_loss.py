@@ -17,9 +17,9 @@ import uuid
 from typing import Any, Callable, List, Tuple
 
 import pytest
+from test_cli import Jobs, expect, finish
 
 from brokerlock import BrokerLock
-from tests.test_cli import Jobs, expect, finish
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the job is a POSIX shell command")
 
