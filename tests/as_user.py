@@ -33,8 +33,11 @@ def _import_everything() -> None:
                     wanted.update(alias.name for alias in node.names)
                 elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                     wanted.add(node.module)
+    # Python 3.9 has no list of standard modules: it imports every module named, the
+    # drivers too (harmless: they would be imported as root all the same).
+    stdlib = getattr(sys, "stdlib_module_names", None)
     for module in sorted(wanted):
-        if module.split(".")[0] in sys.stdlib_module_names:
+        if stdlib is None or module.split(".")[0] in stdlib:
             try:
                 importlib.import_module(module)
             except ImportError:
