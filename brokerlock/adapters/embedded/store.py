@@ -52,6 +52,14 @@ class Renewal:
 
 
 class EmbeddedStore(Adapter):
+    #: Set by each store before ``__init__`` runs: its path resolved once, since every
+    #: item asks for it and ``realpath`` costs syscalls (a handle on Windows) each time.
+    _store_id: str
+
+    @property
+    def store_id(self) -> str:
+        return self._store_id
+
     def __init__(
         self, witness_path: str, bells_dir: str, clock: Optional[Callable[[], float]] = None
     ) -> None:

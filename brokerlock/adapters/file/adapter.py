@@ -102,19 +102,12 @@ class FileAdapter(EmbeddedStore):
             raise ValueError(f"FileAdapter needs a directory path, not {directory!r}")
         self.directory = ensure_private_dir(directory)
         self.url = "file://" + self.directory
+        self._store_id = "file://" + os.path.realpath(self.directory)
         super().__init__(
             os.path.join(self.directory, "witness"), os.path.join(self.directory, "bells"), clock
         )
         self._paths: Dict[str, str] = {}
         self._high_water = HighWater(os.path.join(self.directory, "fence"), _MARKS)
-
-    @property
-    def store_id(self) -> str:
-        # Resolved once: every item asks for it (see SQLiteAdapter.store_id).
-        store_id: str | None = self.__dict__.get("_store_id")
-        if store_id is None:
-            store_id = self.__dict__["_store_id"] = "file://" + os.path.realpath(self.directory)
-        return store_id
 
     def _read_pin(self) -> float:
         """The store's clock for this boot, in the file ``clock`` (see ``embedded.clock``)."""

@@ -59,19 +59,11 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
         directory = ensure_private_dir(directory)
         self.path = os.path.join(os.path.realpath(directory), base)
         self.url = "sqlite:///" + self.path
+        self._store_id = "sqlite://" + os.path.realpath(self.path)
         self._pool = Pool()
         _prepare_database_file(self.path)
         super().__init__(self.path + "-witness", self.path + "-bells", clock)
         self._run("open the database", lambda conn: None)
-
-    @property
-    def store_id(self) -> str:
-        # Resolved once: every item asks for it, and realpath costs syscalls (and a
-        # handle on Windows) each time.
-        store_id: str | None = self.__dict__.get("_store_id")
-        if store_id is None:
-            store_id = self.__dict__["_store_id"] = "sqlite://" + os.path.realpath(self.path)
-        return store_id
 
     def _read_pin(self) -> float:
         # (Every new connection reads it too: see sqlite.conn.)
