@@ -184,12 +184,12 @@ class Bells:
         """The calling thread's bell, or ``None`` where bells cannot wake anyone."""
         if WAKEUP is None or (WAKEUP == "inotify" and libc() is None):
             return None
+        made = self.made()
+        if made is not None:
+            return made
         bells = getattr(_own, "bells", None)
         if bells is None:
             bells = _own.bells = {}
-        own: Optional[_OwnBell] = bells.get(self.directory)
-        if own is not None and own.pid == os.getpid() and os.path.exists(own.path):
-            return own.name  # (a pruner may have taken a stalled waiter's bell for dead)
         if self._swept_by != os.getpid():
             if os.path.islink(self.directory):
                 # Ours to create, never a link: someone wants our bells elsewhere.
@@ -211,6 +211,19 @@ class Bells:
             log.debug("no %s for a waiter's bell (%s); it will poll", WAKEUP, exc)
             return None
         return name
+
+    def made(self) -> Optional[str]:
+        """The calling thread's bell here if it has one already (it waited here before),
+        else ``None``: a thread that waits again may queue in its first look."""
+        own: Optional[_OwnBell] = getattr(_own, "bells", {}).get(self.directory)
+        if own is None or own.pid != os.getpid():
+            return None
+        # A pruner may have taken a stalled waiter's bell for dead and removed it. Not
+        # on Windows: our open handle (no FILE_SHARE_DELETE) keeps it from being removed,
+        # and the look would cost a round trip to wineserver under Wine on every wait.
+        if sys.platform != "win32" and not os.path.exists(own.path):
+            return None
+        return own.name
 
     def news(self) -> bytes:
         """What the last ring of the calling thread's bell in this store said."""

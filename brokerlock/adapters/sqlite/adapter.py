@@ -25,7 +25,7 @@ from ..base import Lease, Request, clock_fence
 from ..embedded.files import ensure_private_dir
 from ..embedded.store import EmbeddedStore, grant_news
 from . import sql
-from .conn import SQLiteConnections, _OutOfTime, _prepare_database_file
+from .conn import SQLiteConnections, _busy, _OutOfTime, _prepare_database_file
 from .pool import Pool
 from .waiting import QueuePlace
 
@@ -201,21 +201,31 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
         if timeout == 0:
             return self.try_acquire(request)
         deadline = None if timeout is None else time.monotonic() + timeout
-        params = self._params(request)
-        try:
-            lease = self._take_if_free(request, params)  # else the queue's business below
-        except (sqlite3.Error, OSError):
-            # Busy, or a fault to report before a waiter makes its bell and queues.
+        bells = self._bells_made
+        # A thread that waited here before has its bell: its first look takes the lock
+        # if free or queues, in one write transaction (the contended case, where every
+        # write is a turn at SQLite's write lock that others wait for).
+        newcomer = bells is not None and bells.made() is not None
+        if not newcomer:
+            params = self._params(request)
             try:
-                lease = self._try_acquire(request, deadline)
-            except _OutOfTime:  # the store stayed busy until the wait was over
-                return None
-        if lease is not None:
-            return lease
+                lease = self._take_if_free(request, params)  # else the queue's business below
+            except sqlite3.OperationalError as exc:
+                if _busy(exc):
+                    # Others are writing, so the lock is most likely contended: queue
+                    # (the first look takes it if free) rather than retry a newcomer's
+                    # statement against every writer in the way.
+                    newcomer, lease = True, None
+                else:
+                    lease = self._report_or_take(request, deadline)
+            except (sqlite3.Error, OSError):
+                lease = self._report_or_take(request, deadline)
+            if lease is not None:
+                return lease
         name, token = request.name, request.token
         witness = self._witness.mine()  # also creates the witness file the waiter watches
         bell = self._bells.make()
-        place = QueuePlace(self, request, witness, bell, QUEUE_ENTRY_LIFE)
+        place = QueuePlace(self, request, witness, bell, QUEUE_ENTRY_LIFE, newcomer=newcomer)
         taken: Optional[Lease] = None
         try:
             taken = self._bells.wait_turn(
@@ -233,6 +243,14 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
                 # By token: our place, and a lock a release granted us meanwhile, go on
                 # to the next waiter (an interrupt gets the same from Adapter.abandon).
                 self._leave(name, token)
+
+    def _report_or_take(self, request: Request, deadline: Optional[float]) -> Optional[Lease]:
+        """After a fault of the lone statement: the careful attempt, which retries or
+        reports it before a waiter makes its bell and queues."""
+        try:
+            return self._try_acquire(request, deadline)
+        except _OutOfTime:  # the store stayed busy until the wait was over
+            return None
 
     def abandon(self, name: str, token: str) -> None:
         # (A transaction an interrupt left open is rolled back as its connection goes
