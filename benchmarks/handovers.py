@@ -37,12 +37,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 _WORKER = """
-import json, sys, time
+import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 from brokerlock import BrokerLock
-url, start, stop, out = sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+url, go, out = sys.argv[2], sys.argv[3], sys.argv[4]
 item = BrokerLock.from_url(url).item("bench", ttl="30s", timeout="30s")
 item.acquire(); item.release()  # connections, bells and witness made before the clock runs
+open(out + ".ready", "w").close()
+while not os.path.exists(go):  # every worker is ready: the parent sets the clock
+    time.sleep(0.001)
+time.sleep(0.01)  # (the go file is written, then renamed into place: it is whole)
+with open(go) as f:
+    start, stop = json.load(f)
 holds = []
 while time.time() < start:
     time.sleep(0.001)
@@ -67,13 +73,23 @@ def url_for(store: str, directory: str) -> str:
 def run(store: str, procs: int, seconds: float) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as directory:
         url = url_for(store, os.path.join(directory, "store"))
-        start = time.time() + 1.0 + 0.5 * procs  # time for every process to start up
-        stop = start + seconds
+        go = os.path.join(directory, "go.json")
         outs = [os.path.join(directory, f"out{i}.json") for i in range(procs)]
         children = [
-            subprocess.Popen([sys.executable, "-c", _WORKER, ROOT, url, str(start), str(stop), out])
-            for out in outs
+            subprocess.Popen([sys.executable, "-c", _WORKER, ROOT, url, go, out]) for out in outs
         ]
+        # The clock starts once every worker has started and taken the lock once: a
+        # start time fixed in advance left slow starters (Wine, a loaded machine) out
+        # of the measured seconds, or all of them (0 acquisitions).
+        limit = time.monotonic() + 120
+        while not all(os.path.exists(out + ".ready") for out in outs):
+            if time.monotonic() > limit or any(c.poll() is not None for c in children):
+                raise SystemExit("a worker did not start")
+            time.sleep(0.01)
+        start = time.time() + 0.2
+        with open(go + ".tmp", "w") as f:
+            json.dump([start, start + seconds], f)
+        os.replace(go + ".tmp", go)
         for child in children:
             if child.wait(timeout=seconds + 120) != 0:
                 raise SystemExit(f"a worker failed with exit status {child.returncode}")

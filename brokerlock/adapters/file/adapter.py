@@ -52,6 +52,9 @@ QUEUE_ENTRY_LIFE = 6.0
 #: a release needs to grant the lock to the waiter.
 _ENTRY_SIZE = 8
 _READ_SIZE = 65536
+#: What a release rings (``FileAdapter._ring``): the granted waiter's bell, the news of
+#: its grant, its witness mark, and the queue behind it.
+Grant = Tuple[Optional[str], bytes, Optional[str], List[List[Any]]]
 #: Each thread keeps its last few records open (see ``KeptFiles``).
 _RECORDS = KeptFiles(8, lambda path: open_private(path, os.O_RDWR))
 #: And the fence file of the store it used last (see ``HighWater``).
@@ -246,21 +249,31 @@ class FileAdapter(EmbeddedStore):
         )
         return self._lease(new), new
 
-    def _hand_over(self, record: Record, now: float) -> Tuple[Record, Optional[Tuple[str, bytes]]]:
-        """``record`` with its lease cleared and, if a live waiter heads the queue, granted
-        to that waiter; and the ``(bell, grant)`` to ring it with.
+    def _hand_over(self, record: Record, now: float) -> Tuple[Record, Optional[Grant]]:
+        """``record`` with its lease cleared and, if a waiter heads the queue, granted to
+        that waiter; and the :data:`Grant` to ring it with (``_ring``).
 
         Granting here, under the flock the release holds anyway, spares the woken waiter
         a read-modify-write of its own: its bell tells it the lease it now has (see
         ``_granted``). The record stays the truth; the bell is only the news.
+
+        The head's liveness is not tested here but after the flock is let go and the
+        head rung (``_ring``): a test is a system call (a round trip to wineserver under
+        Wine) that every hand-over would wait for while holding the record. A grant to a
+        waiter that had died is a dead holder's lease like any other: ``_ring`` then
+        wakes the first live waiter behind it, which takes the lock from the dead.
         """
-        queue = self._queue(record, now)
+        queue = [
+            e
+            for e in record.get("queue") or []
+            if isinstance(e, list) and len(e) == _ENTRY_SIZE and e[2] > now
+        ]
         if not queue:
             return {**record, "token": None, "witness": None}, None
         token, witness, _until, bell, ttl, host, pid, thread = queue[0]
         new = leased(record, record["name"], now, token, witness, ttl, host, pid, thread, queue[1:])
         news = grant_news(token, new["fence"], new["acquired_at"], new["expires_at"], stamp_text)
-        return new, (bell, news)
+        return new, (bell, news, witness, queue[1:])
 
     # -- the contract -----------------------------------------------------------
     def try_acquire(self, request: Request) -> Optional[Lease]:
@@ -328,9 +341,20 @@ class FileAdapter(EmbeddedStore):
     def abandon(self, name: str, token: str) -> None:
         self._leave(name, token)  # by token: the queue place and any lease of ours
 
-    def _ring(self, news: Optional[Tuple[Optional[str], bytes]]) -> None:
-        if news is not None and news[0]:
-            self._bells.ring(news[0], news[1])
+    def _ring(self, grant: Optional[Grant]) -> None:
+        """Ring the waiter a release granted the lock to; if it had died, wake the first
+        live waiter behind it (see ``_hand_over``)."""
+        if grant is None:
+            return
+        bell, news, witness, behind = grant
+        if bell:
+            self._bells.ring(bell, news)
+        if self._witness.is_alive(witness):
+            return
+        for entry in behind:
+            if self._witness.is_alive(entry[1]):
+                self._bells.ring(entry[3])
+                return
 
     def _free(self, name: str, action: str, may: Callable[[Record], Any]) -> Any:
         """Clear the lease if ``may(record)`` says so and hand the lock to the next waiter.
