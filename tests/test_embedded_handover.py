@@ -201,6 +201,45 @@ def test_a_waiter_killed_after_its_grant_does_not_strand_the_lock(kind: str, tmp
             doomed.wait()
 
 
+@needs_witness
+def test_a_release_to_a_waiter_that_died_queued_passes_the_lock_on(
+    kind: str, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A release grants the head without testing its liveness first (the file store
+    tests it after letting go of the record, SQLite after its one statement); a head
+    that was killed while queued then holds a dead lease, and the release itself must
+    wake the live waiter behind it: with the safety nets out of the way, nothing else
+    would before its timeout."""
+    from brokerlock.adapters.embedded import bells as _bells
+
+    monkeypatch.setattr(_bells, "SAFETY_NET", 600.0)
+    monkeypatch.setattr(_bells, "DEATH_NET", 600.0)
+    url = URLS[kind](tmp_path)
+    holder = BrokerLock.from_url(url).item("job", ttl="30s", timeout="1s")
+    holder.acquire()
+    doomed = subprocess.Popen([sys.executable, "-c", _QUEUER, url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert doomed.stdout is not None and doomed.stdout.readline().strip() == "waiting"
+        adapter = STORES[kind](tmp_path)
+        _wait_queued(adapter, 1)
+        got: List[Optional[Lease]] = []
+        patient = _waiter(adapter, "patient", 20.0, got)
+        _wait_queued(adapter, 2)
+        # Killed behind the holder's back: where inotify hears the death, the patient
+        # wakes and drops the dead head itself; elsewhere the head stays queued, dead.
+        doomed.kill()
+        doomed.wait(5)
+        started = time.monotonic()
+        holder.release()
+        patient.join(10)
+        assert got and got[0] is not None and got[0].token == "patient"
+        assert time.monotonic() - started < 2.0, "the release woke the live waiter"
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+            doomed.wait()
+
+
 def test_an_sqlite_store_of_an_older_version_gains_the_new_columns(tmp_path: Path) -> None:
     import sqlite3
 
