@@ -239,7 +239,7 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
         except _OutOfTime:
             return None
         finally:
-            if taken is None:
+            if taken is None and place.maybe_queued:
                 # By token: our place, and a lock a release granted us meanwhile, go on
                 # to the next waiter (an interrupt gets the same from Adapter.abandon).
                 self._leave(name, token)

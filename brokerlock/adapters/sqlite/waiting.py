@@ -38,6 +38,10 @@ class QueuePlace:
         #: No attempt was made before the wait: the first look takes the lock as a
         #: newcomer would, or queues, in one write transaction (``_take_or_join``).
         self.newcomer = newcomer
+        #: Whether a statement that queues us may have been committed: if none was (the
+        #: store stayed busy until the wait was over), there is nothing to leave, and a
+        #: departure would only wait for the busy store in vain.
+        self.maybe_queued = False
         self.entry = {
             "name": request.name, "token": request.token, "witness": witness, "bell": bell,
             "ttl": request.ttl, "host": request.host, "pid": request.pid,
@@ -47,7 +51,9 @@ class QueuePlace:
     def join(self, conn: sqlite3.Connection, now: float) -> None:
         """Take a place at the end of the queue (again)."""
         until = now + self.renewal.life
-        self.ticket = conn.execute(sql.JOIN_QUEUE, {**self.entry, "until": until}).fetchone()[0]
+        cursor = conn.execute(sql.JOIN_QUEUE, {**self.entry, "until": until})
+        self.maybe_queued = True
+        self.ticket = cursor.fetchone()[0]
         self.renewal.done(now)
 
     def step(self, conn: sqlite3.Connection) -> Step:
@@ -113,6 +119,7 @@ class QueuePlace:
         params = store._params(request)
         try:
             conn.execute("BEGIN IMMEDIATE")  # (inside the try: see _turn)
+            self.maybe_queued = True
             row = conn.execute(sql.ACQUIRE_NEW, params).fetchone()
             ticket = None
             if row is None:
