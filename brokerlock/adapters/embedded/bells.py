@@ -225,6 +225,14 @@ class Bells:
             return None
         return own.name
 
+    def armed(self) -> bool:
+        """Whether the calling thread has a bell here that wakes it without any set-up
+        per wait (a FIFO or a named event, made with the bell). Such a thread may take
+        or queue in its first look, before its waiter exists: no ring can be lost. An
+        inotify waiter must add its watches before its first look, which costs an
+        uncontended acquire more (~100 µs) than the look it would save."""
+        return WAKEUP in ("fifo", "event") and self.made() is not None
+
     def news(self) -> bytes:
         """What the last ring of the calling thread's bell in this store said."""
         own: Optional[_OwnBell] = getattr(_own, "bells", {}).get(self.directory)

@@ -296,11 +296,11 @@ class FileAdapter(EmbeddedStore):
         ``entry_life``.
         """
         bells = self._bells_made
-        if timeout == 0 or bells is None or bells.made() is None:
+        if timeout == 0 or bells is None or not bells.armed():
             lease = self.try_acquire(request)
             if lease is not None or timeout == 0:
                 return lease
-        # else: a thread that waited here before has its bell: its first look takes
+        # else: a thread that waited here before has an armed bell (Bells.armed): its first look takes
         # the lock if free or queues at once, one update of the record instead of two
         # (the contended case, where each update is a turn at the record's flock).
         deadline = None if timeout is None else time.monotonic() + timeout

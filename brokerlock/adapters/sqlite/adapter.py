@@ -202,10 +202,10 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
             return self.try_acquire(request)
         deadline = None if timeout is None else time.monotonic() + timeout
         bells = self._bells_made
-        # A thread that waited here before has its bell: its first look takes the lock
+        # A thread that waited here before has an armed bell (Bells.armed): its first look takes the lock
         # if free or queues, in one write transaction (the contended case, where every
         # write is a turn at SQLite's write lock that others wait for).
-        newcomer = bells is not None and bells.made() is not None
+        newcomer = bells is not None and bells.armed()
         if not newcomer:
             params = self._params(request)
             try:
