@@ -122,3 +122,32 @@ def test_a_waiter_that_takes_the_lock_from_the_queue_tells_the_next(url: str) ->
         holder.wait(10)
         for adapter in (first_adapter, waiter):
             adapter.close()
+
+
+def test_a_newcomer_that_finds_a_dead_holder_wakes_the_head_of_the_queue(url: str) -> None:
+    """The holder of a 30 s lease is killed; a newcomer's try finds the lock free but a
+    waiter ahead of it: it must not take the lock, and the parked waiter, woken by that
+    try, takes it at once (not at its net, and not after losing its place)."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, url], stdout=subprocess.PIPE, text=True)
+    waiter, newcomer = RedisAdapter(url), RedisAdapter(url)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        parked = Request.make("job", "b" * 32, 30.0)
+        got: List[Any] = []
+        thread = _wait_in_thread(waiter, parked, got)
+        _queued(waiter, "job", 1)
+        time.sleep(0.1)  # parked in BLPOP with the holder's 30 s lease in view
+        holder.kill()
+        holder.wait(10)
+        assert newcomer.try_acquire(Request.make("job", "c" * 32, 30.0)) is None
+        thread.join(PROMPT)
+        assert got, "the parked waiter was not woken by the newcomer's look"
+        lease = got[0]
+        assert isinstance(lease, Lease) and lease.token == parked.token
+        assert newcomer.try_acquire(Request.make("job", "d" * 32, 30.0)) is None
+        assert waiter.release("job", parked.token)
+    finally:
+        holder.kill()
+        holder.wait(10)
+        for adapter in (waiter, newcomer):
+            adapter.close()

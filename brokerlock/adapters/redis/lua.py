@@ -175,6 +175,9 @@ if not alive(ARGV[8]) then return {2, 0, 0, now_ms} end
 local first = head(KEYS[3], KEYS[4], now_ms)
 if first and first ~= member then
     local position = queue_up()
+    -- Free, and `first`'s turn: nothing may have told it (a holder that died, a lease
+    -- that ran out), so wake it; it has `grace` ms to take the lock.
+    ring(ARGV[13], first, ARGV[14])
     return {1, hurry(KEYS[4], first, now_ms, tonumber(ARGV[7])), position, now_ms}
 end
 local fence = next_fence(KEYS[6], KEYS[2], now)
