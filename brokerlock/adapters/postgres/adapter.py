@@ -210,9 +210,11 @@ class PostgresAdapter(Adapter):
             return self.try_acquire(request)
         deadline = None if timeout is None else time.monotonic() + timeout
         name = request.name
-        if name not in self._contended:
+        if name not in self._contended and self._listeners.existing() is None:
             # Free last time: try the cheaper statement that cannot queue us first (a
             # thread that never has to wait never opens a listening session either).
+            # A thread that listens already takes or queues in one statement: a name
+            # new to it (a date-stamped one) costs no extra round trip when it waits.
             lease = self._try(request, None, None)[0]
             if lease is not None:
                 return lease
