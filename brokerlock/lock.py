@@ -342,11 +342,20 @@ class BrokerLockItem(Owning):
         tb: Optional[TracebackType],
     ) -> None:
         """Release; a lost lease raises :class:`LockLost` unless the block raised."""
-        if exc_type is None:
-            self.release()
-        else:
-            # Run to its end even if another interrupt lands in the release.
+        # Guarded from the first line, not one call deeper: CPython raises a pending
+        # interrupt as a Python function starts, so every call between the block and
+        # this guard would be one more instant where the hold outlives the block.
+        try:
+            if exc_type is None:
+                self._release()
+            else:
+                # Runs to its end even if another interrupt lands in the release.
+                settle(self._release_quietly, self.name)
+        except BrokerLockError:
+            raise
+        except BaseException:
             settle(self._release_quietly, self.name)
+            raise
 
     def __call__(self, fn: F) -> F:
         """``@item`` runs each call of ``fn`` under ``item.hold()``."""

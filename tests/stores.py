@@ -24,7 +24,8 @@ StoreFactory = Callable[[], Adapter]
 SKIP_SERVERS = os.environ.get("BROKERLOCK_SKIP_SERVERS", "") not in ("", "0")
 
 #: For tests of what the kernel-lock witness promises (a dead holder's lock free at
-#: once): Windows has none, and BROKERLOCK_PORTABLE=1 turns it off (the lease decides).
+#: once): BROKERLOCK_PORTABLE=1 turns it off (the lease decides), as does a platform
+#: without kernel file locks.
 needs_witness = pytest.mark.skipif(
     not HAVE_WITNESS, reason="no liveness witness here (BROKERLOCK_PORTABLE=1 or no kernel file locks)"
 )

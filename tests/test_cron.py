@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
+from stores import needs_witness
 from test_cli import Env, Jobs, cli, expect, finish, one_line
 
 from brokerlock.durations import parse_duration
@@ -112,6 +113,7 @@ def test_the_sigkill_after_kill_after_reaches_the_whole_group(env: Env, jobs: Jo
     wait_until_gone(pids, timeout=1)  # run waited for the group before it exited
 
 
+@needs_witness  # (without one, the killed runner's lease lasts its ttl: 10 minutes)
 def test_a_killed_runner_takes_its_job_with_it(env: Env, jobs: Jobs) -> None:
     # A background grandchild too: the parent-death signal reaches only the shell.
     job = jobs.start(env, "run", "--ttl", "10m", "job", "--", "sh", "-c",

@@ -3,7 +3,9 @@
 
 Whatever bytecode an interrupt lands on, the lease must stay somebody's: no lease is
 left behind that nobody holds (the rival would wait out the ttl of 20 s), the looping
-process never finds itself holding after its ``with`` block ended, and the lock is free
+process never finds itself holding after its ``with`` block ended (but where CPython
+leaves no choice: an interrupt on the entry of the release, see ``interrupt_worker``;
+``release()`` then frees it), and the lock is free
 at the end with no queue place left. Each back end is fuzzed for a few seconds
 (``BROKERLOCK_FUZZ_SECONDS`` for a longer run).
 """

@@ -167,7 +167,8 @@ def _judge(earlier: Acquisition, later: Acquisition, report: Report) -> bool:
     if not expired:
         report.violations.append(
             f"{what}: lease of {earlier.fence} ran to {earlier.expires_at!r}, "
-            f"but {later.fence} acquired at {later.acquired_at!r}"
+            f"but {later.fence} acquired at {later.acquired_at!r} (releases said "
+            f"{earlier.outcome} and {later.outcome})"
         )
         return False
     if earlier.outcome == "ok":
