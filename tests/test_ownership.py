@@ -188,13 +188,13 @@ def _interrupt_waits(monkeypatch: pytest.MonkeyPatch, before: Callable[[], None]
     try:
         from brokerlock.adapters.redis.adapter import RedisAdapter
 
-        block = RedisAdapter._block
+        block = RedisAdapter._pop  # the waiter's blocking step (BLPOP)
 
         def redis_block(self: Any, *args: Any) -> Any:
             fire()
             return block(self, *args)
 
-        monkeypatch.setattr(RedisAdapter, "_block", redis_block)
+        monkeypatch.setattr(RedisAdapter, "_pop", redis_block)
     except ImportError:
         pass
     try:

@@ -25,7 +25,7 @@ and ``NOTIFY`` the head with its lease: the woken waiter returns without another
 trip. A waiter that leaves (timed out) keeps a lock handed to it just before; one that
 is interrupted passes it on. A session that ends notifies nobody, and a waiter handed
 the lock may die before it learns so, so waiters also re-check when the current lease
-expires and at least every second. A waiter stopped between a NOTIFY and its reading
+expires and at least every ``RECHECK`` seconds. A waiter stopped between a NOTIFY and its reading
 past the lease's end goes on waiting instead (someone else may hold the lock by now):
 the server's clock at its latest statement plus the monotonic time since is a lower
 bound of the server's clock, whatever the skew.
@@ -52,9 +52,11 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 #: Waiters look again at least this often, whatever they were told: a dead holder is
-#: noticed by looking (nothing notifies of it), a release notifies.
-RECHECK = 3.0
-#: A new waiter's first look, if nothing woke it; each later one comes ten times as late (up to RECHECK).
+#: noticed by looking (nothing notifies of it), a release notifies. It also renews the
+#: waiter's place (QUEUE_PATIENCE).
+RECHECK = 5.0
+#: A new waiter's one early look, if nothing woke it (see acquire()); the next come
+#: every RECHECK.
 FIRST_LOOK = 0.05
 #: The local clock that carries the server's, read by a waiter's latest statement, forward.
 _ticks = time.monotonic
@@ -208,9 +210,11 @@ class PostgresAdapter(Adapter):
             return self.try_acquire(request)
         deadline = None if timeout is None else time.monotonic() + timeout
         name = request.name
-        if name not in self._contended:
+        if name not in self._contended and self._listeners.existing() is None:
             # Free last time: try the cheaper statement that cannot queue us first (a
             # thread that never has to wait never opens a listening session either).
+            # A thread that listens already takes or queues in one statement: a name
+            # new to it (a date-stamped one) costs no extra round trip when it waits.
             lease = self._try(request, None, None)[0]
             if lease is not None:
                 return lease
@@ -231,16 +235,24 @@ class PostgresAdapter(Adapter):
         # A release whose snapshot predates our place in the queue cannot see us, so
         # it neither hands us the lock nor wakes us (when our statement locked the row
         # first and made it wait). Rare, so rather than a second look at once (a
-        # statement per contended acquire), the first looks come early and then ever
-        # later, up to RECHECK.
-        look = FIRST_LOOK
+        # statement per contended acquire), one look comes early: such a release was
+        # waiting for our row lock, so it ends just after our statement. Then a waiter
+        # behind a lease looks when it ends and at every RECHECK: the CPU of a parked
+        # waiter is that of its looks. Behind no lease (free, another waiter's turn; or
+        # no ttl) the early looks go on, each ten times as late, up to RECHECK: the one
+        # whose turn it is may take the lock and die, and nobody notifies of that.
+        look, behind_lease = FIRST_LOOK, True
         try:
             while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
+                if (left is None) == behind_lease:
+                    behind_lease = left is not None
+                    if not behind_lease:
+                        look = FIRST_LOOK
                 bound = min(look, RECHECK if remaining is None else min(RECHECK, remaining))
-                look *= 10
+                look = RECHECK if behind_lease else min(look * 10, RECHECK)
                 if left is not None:
                     # An expiring lease notifies nobody: look again when it ends.
                     bound = min(bound, max(0.0, left) + 0.001)

@@ -28,9 +28,15 @@ Keys, all under the prefix (``brokerlock:`` by default):
 Each process keeps one presence connection subscribed to a random channel (see
 ``redis.presence``) whose name it writes into its leases and queue places: a lease
 whose channel has no subscriber belongs to a dead process and is free at once, and
-a dead waiter is skipped at once. Nothing pushes when a holder dies or a lease
-expires, so the first two waiters in line look again with a backoff (from 2 ms to half
-a second), every waiter at the lease's expiry and at least every second.
+a dead waiter is skipped at once.
+
+Waiting costs (almost) nothing: a waiter runs one script to take its place, then
+sleeps in ``BLPOP``. Every script that changes the holder (a grant, a take from the
+head of the queue, a waiter leaving) also pushes a look onto the lists of the first
+two live waiters, so they learn when the new lease ends: nothing pushes when a lease
+expires or its holder dies, so those who may take the lock next look again at the
+lease's end. Beyond that a waiter looks only every ``SAFETY_NET`` seconds, which
+renews its place and bounds how late a dead holder of a long lease is noticed.
 """
 
 from __future__ import annotations
@@ -59,26 +65,20 @@ T = TypeVar("T")
 CONNECT_TIMEOUT = 5.0
 #: A command whose reply does not come within this many seconds fails.
 SOCKET_TIMEOUT = 10.0
-#: Waiters look again at least this often, whatever they were told. (Kept at 1 s, and
-#: the watch below as it was: with 3 s, a watch from 0.5 s to 2.5 s and a patience of
-#: 15 s, a waiter cost a quarter of the CPU, but the chaos test, killing a process
-#: every 0.15 s, reached 719 acquisitions in 120 s instead of 3,000 in 15 s.)
-RECHECK = 1.0
+#: Waiters look again at least this often, whatever they were told: renewing their
+#: place and looking for a holder that died (nothing pushes a death). Hand-overs, and
+#: the end of the lease each waiter must watch, are pushed (see the module's text).
+SAFETY_NET = 5.0
 #: A wake-up nobody took is dropped after this many milliseconds.
 SIGNAL_TTL_MS = 10_000
 #: A queued waiter that has not refreshed its place for this long is dropped from the
 #: queue (it stalled; one that died is dropped at once); live waiters refresh at least
-#: every RECHECK.
-PATIENCE_MS = 5_000
+#: every SAFETY_NET. A stalled waiter whose turn comes is skipped after GRACE_MS.
+PATIENCE_MS = 20_000
 #: A waiter whose turn has come (the lock is free, it heads the queue) must take the lock
 #: within this many ms or lose its place: a stopped waiter stalls the queue this long,
 #: not PATIENCE_MS. Woken by its own BLPOP, a live waiter needs about 1 ms.
 GRACE_MS = 100
-#: The first two waiters in line watch the one ahead of them (a holder or a waiter that
-#: may have died: nothing pushes a death) from this interval, doubling up to POLL_MAX,
-#: which bounds how late a dead holder is noticed.
-POLL_MIN = 0.002
-POLL_MAX = 0.5
 
 def _driver() -> Any:
     try:
@@ -157,7 +157,7 @@ class RedisAdapter(Adapter):
         socket_timeout = kwargs.get("socket_timeout")
         # A BLPOP must end well before the socket gives up on its reply, or the wake-up
         # it carried would be popped on the server and lost on the way.
-        self._block_cap = RECHECK if not socket_timeout else min(RECHECK, socket_timeout / 2)
+        self._block_cap = SAFETY_NET if not socket_timeout else min(SAFETY_NET, socket_timeout / 2)
         self._acquire = client.register_script(ACQUIRE)
         self._release = client.register_script(RELEASE)
         self._force = client.register_script(FORCE_RELEASE)
@@ -243,7 +243,7 @@ class RedisAdapter(Adapter):
                 [request.token, _ttl_ms(request.ttl), name, request.host, str(request.pid),
                  request.thread, GRACE_MS, presence, member, PATIENCE_MS, "1" if queued else "",
                  json.dumps([_ttl_ms(request.ttl), request.host, str(request.pid), request.thread])
-                 if queued else ""],
+                 if queued else "", *self._wake_args(name)[:2]],
             )
             if isinstance(reply[0], int):
                 arrived = time.monotonic()
@@ -318,31 +318,32 @@ class RedisAdapter(Adapter):
         signal = self._signal(name, request.token)
         reachable, members = True, set()
         lease: Optional[Lease] = None
-        poll, watched = POLL_MIN, (-1, -1)
         try:
             while True:
                 # One script: take the lock, or take (or keep) our place in the queue,
                 # so that a release after it finds us and pushes our wake-up.
-                lease, code, look_by, position, member, server_offset = self._try(request, True)
+                lease, _code, look_by, _position, member, server_offset = self._try(request, True)
                 if lease is not None:
                     return lease
                 members.add(member)
-                remaining = None if deadline is None else deadline - time.monotonic()
+                now = time.monotonic()
+                remaining = None if deadline is None else deadline - now
                 if remaining is not None and remaining <= 0:
                     return None
-                bound = RECHECK if remaining is None else min(RECHECK, remaining)
+                # Look again when the lease we wait for ends (nothing pushes an expiry),
+                # or at the safety net; anything else that concerns us is pushed.
+                bound = SAFETY_NET if remaining is None else min(SAFETY_NET, remaining)
                 if look_by >= 0:
                     bound = min(bound, look_by)
-                if position <= 2:
-                    # Nothing pushes when the one ahead of us dies: watch it.
-                    if (code, position) != watched:
-                        poll, watched = POLL_MIN, (code, position)
-                    bound = min(bound, poll)
-                    poll = min(poll * 2, POLL_MAX)
-                granted = self._block(name, signal, bound)
-                if granted is not None:
+                look_at = now + bound
+                while True:
+                    # In slices under the socket's timeout; no script between them.
+                    popped = self._pop(name, signal, look_at - time.monotonic())
+                    if popped is not None or time.monotonic() >= look_at:
+                        break
+                if popped is not None and " " in popped:
                     # The release handed us the lock in its own script.
-                    lease = self._granted(request, granted, server_offset)
+                    lease = self._granted(request, popped, server_offset)
                     if lease is not None:
                         return lease
         except BrokerLockError:
@@ -374,6 +375,12 @@ class RedisAdapter(Adapter):
     def _block(self, name: str, signal: str, timeout: Optional[float]) -> Optional[str]:
         """Wait for a wake-up; the lease (``"fence acquired expires"``) if it handed
         us the lock."""
+        value = self._pop(name, signal, timeout)
+        return value if value is not None and " " in value else None
+
+    def _pop(self, name: str, signal: str, timeout: Optional[float]) -> Optional[str]:
+        """Wait for a wake-up: what was pushed (a lease, or ``"1"``: look), or ``None``
+        when the time ran out."""
         block = self._block_cap if timeout is None else min(timeout, self._block_cap)
         if block <= 0:
             return None
@@ -386,10 +393,7 @@ class RedisAdapter(Adapter):
             lambda: call.command((b"BLPOP", signal, f"{block:.3f}")) if call
             else self._client.blpop([signal], timeout=block),
         )
-        if not popped:
-            return None
-        value = _text(popped[1])
-        return value if " " in value else None
+        return _text(popped[1]) if popped else None
 
     def abandon(self, name: str, token: str) -> None:
         # LEAVE also deletes a lease that ``token`` holds and hands the lock on. A place

@@ -68,15 +68,31 @@ local function hurry(waiting, first, now_ms, grace)
     end
     return deadline - now_ms
 end
+-- A wake-up ('1': look) on `member`'s list, unless something (a grant) is there.
+local function ring(signals, member, ttl)
+    local key = signals .. token_of(member)
+    if redis.call('LLEN', key) == 0 then redis.call('RPUSH', key, '1') end
+    redis.call('PEXPIRE', key, ttl)
+end
+-- The first two live waiters look: the lock changed hands, or the one ahead of them
+-- left, and nothing else would tell them when the lease they wait for may end (it
+-- expires, or its holder dies, and nobody pushes). Waiters further back are told when
+-- they move up to second; all look at least every safety net.
+local function nudge(queue, waiting, signals, ttl)
+    if redis.call('EXISTS', queue) == 0 then return end
+    local first, second = head(queue, waiting, math.floor(now_us() / 1000))
+    if first then ring(signals, first, ttl) end
+    if second then ring(signals, second, ttl) end
+end
 local function wake(queue, waiting, signals, ttl, grace)
     if redis.call('EXISTS', queue) == 0 then return end
     local now_ms = math.floor(now_us() / 1000)
-    local first = head(queue, waiting, now_ms)
+    local first, second = head(queue, waiting, now_ms)
     if first then
         hurry(waiting, first, now_ms, tonumber(grace))
-        local key = signals .. token_of(first)
-        if redis.call('LLEN', key) == 0 then redis.call('RPUSH', key, '1') end
-        redis.call('PEXPIRE', key, ttl)
+        ring(signals, first, ttl)
+        -- The second looks too: it takes over if the first stalled past its grace.
+        if second then ring(signals, second, ttl) end
     end
 end
 -- Hand the free lock to the first live waiter that left its request, in this script,
@@ -103,12 +119,14 @@ local function grant(lock, fence_key, queue, waiting, signals, ttl, grace, name,
     redis.call('DEL', key)
     redis.call('RPUSH', key, fence .. ' ' .. acquired .. ' ' .. expires)
     redis.call('PEXPIRE', key, ttl)
+    nudge(queue, waiting, signals, ttl)
 end
 """
 
 # KEYS: lock, fence, queue, waiting, our wake-up list, the store's fences. ARGV: token, ttl ms, name, host,
 # pid, thread, grace ms, presence, member, patience ms, queued ('1': wait in the queue if
-# not taken), the request for a direct hand-over (JSON: ttl ms, host, pid, thread).
+# not taken), the request for a direct hand-over (JSON: ttl ms, host, pid, thread),
+# signal key prefix, signal ttl.
 # Returns the lease's {fence, acquired, expires} (strings), or four integers:
 # {0, ms left on the live holder's lease (-1: no ttl), position, now} when held,
 # {1, ms the waiter ahead has left to take it, position, now} when another's turn,
@@ -157,9 +175,11 @@ if not alive(ARGV[8]) then return {2, 0, 0, now_ms} end
 local first = head(KEYS[3], KEYS[4], now_ms)
 if first and first ~= member then
     local position = queue_up()
+    -- Free, and `first`'s turn: nothing may have told it (a holder that died, a lease
+    -- that ran out), so wake it; it has `grace` ms to take the lock.
+    ring(ARGV[13], first, ARGV[14])
     return {1, hurry(KEYS[4], first, now_ms, tonumber(ARGV[7])), position, now_ms}
 end
-if first then drop(KEYS[3], KEYS[4], member) end
 local fence = next_fence(KEYS[6], KEYS[2], now)
 local expires = ''
 if ARGV[2] ~= '' then expires = string.format('%.0f', now + tonumber(ARGV[2]) * 1000) end
@@ -169,6 +189,11 @@ redis.call('HSET', KEYS[1], 'name', ARGV[3], 'token', ARGV[1], 'fence', fence,
     'acquired_us', acquired, 'expires_us', expires,
     'host', ARGV[4], 'pid', ARGV[5], 'thread', ARGV[6], 'presence', ARGV[8])
 if ARGV[2] ~= '' then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if first then
+    -- We took it from the head of the queue: the next two learn of the new lease.
+    drop(KEYS[3], KEYS[4], member)
+    nudge(KEYS[3], KEYS[4], ARGV[13], ARGV[14])
+end
 return {fence, acquired, expires}
 """
 
@@ -182,6 +207,9 @@ local held = redis.call('HMGET', KEYS[1], 'token', 'presence')
 if held[1] == token_of(ARGV[1]) then redis.call('DEL', KEYS[1]); held = {} end
 if not held[1] or not alive(held[2]) then
     grant(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[2], ARGV[3], ARGV[4], ARGV[5], KEYS[5])
+else
+    -- Still held: the waiters that moved up learn when the lease may end.
+    nudge(KEYS[3], KEYS[4], ARGV[2], ARGV[3])
 end
 """
 
