@@ -14,8 +14,10 @@ For every later acquisition Y (higher fence) that entered while X was still insi
   fences refuses X's late writes; an entry order that disagrees with the fence order
   is only possible in this excused case (counted as ``fence_inversions``).
 
-Also a violation: a fence issued twice, a holder that vanished without being killed,
-and any error or timeout a worker reported.
+Also a violation: a lower fence held only after a higher one had left (a fence went
+back; unexcused unless the higher one's lease had ended, as above), a fence issued
+twice, a holder that vanished without being killed, and any error or timeout a worker
+reported.
 """
 
 from __future__ import annotations
@@ -160,10 +162,18 @@ def _judge(earlier: Acquisition, later: Acquisition, report: Report) -> bool:
     ``True`` when excused, else the violation is recorded.
     """
     expired = earlier.expires_at is not None and earlier.expires_at <= later.acquired_at
-    what = (
-        f"fence {earlier.fence} ({earlier.journal}, inside until {earlier.last}) overlaps "
-        f"fence {later.fence} ({later.journal}, entered {later.enter})"
-    )
+    if later.last <= earlier.enter:
+        # Not an overlap: the lower fence was held only after the higher one had left.
+        # Fences follow the order the lock was held in, so a fence went backwards.
+        what = (
+            f"fence {earlier.fence} ({earlier.journal}, entered {earlier.enter}) came after "
+            f"fence {later.fence} ({later.journal}, left {later.last}): a fence went back"
+        )
+    else:
+        what = (
+            f"fence {earlier.fence} ({earlier.journal}, inside until {earlier.last}) overlaps "
+            f"fence {later.fence} ({later.journal}, entered {later.enter})"
+        )
     if not expired:
         report.violations.append(
             f"{what}: lease of {earlier.fence} ran to {earlier.expires_at!r}, "

@@ -202,6 +202,9 @@ def test_checker_flags_a_late_lower_fence() -> None:
         "b.log": [_e(1, 1.2, 100.5, 110.5), _x(1, 1.3), "R 1 ok"],  # lower fence, entered later
     }
     assert "overlaps" in _ok(journal)[0]
+    # Held only after the higher fence had left: no overlap, but a fence went back.
+    journal["b.log"] = [_e(1, 1.6, 100.5, 110.5), _x(1, 1.7), "R 1 ok"]
+    assert "a fence went back" in _ok(journal)[0]
 
 
 def test_journal_lines_cut_by_a_kill_are_ignored(tmp_path: Path) -> None:

@@ -73,6 +73,9 @@ CONNECT_DEFAULTS = {
     "keepalives_count": "3",
     "tcp_user_timeout": "15000",
 }
+#: Attempts in a row that may find the name's row deleted under them (each one waits
+#: for the release that deleted it, so the next sees the lock free or taken anew).
+STALE_LOOKS = 100
 #: A queued waiter that has not renewed its place for this many seconds is skipped (it
 #: stalled; a dead process's waiters are skipped at once, as their session ended).
 QUEUE_PATIENCE = 15.0
@@ -347,7 +350,17 @@ class PostgresAdapter(Adapter):
                 "holder": holder, "arrival": arrival, "member": member,
                 "patience": QUEUE_PATIENCE,
             }
-            row = self._pool.rows(f"acquire {request.name!r}", statement, params)
+            for _look in range(STALE_LOOKS):
+                row = self._pool.rows(f"acquire {request.name!r}", statement, params)
+                # Stale: a release deleted the name's row after the statement's snapshot
+                # was taken, so it took nothing (sql._START); a new one sees the release.
+                if not flag(row, 7):
+                    break
+            else:
+                raise self._error(
+                    f"acquire {request.name!r}",
+                    RuntimeError(f"the lock's row was deleted under {STALE_LOOKS} attempts in a row"),
+                )
             # The server read its clock before its reply left, and we read ours after
             # the reply came: the difference is a lower bound of the offset.
             offset = (number(row, 6) or 0.0) - _ticks() if member else 0.0

@@ -147,7 +147,7 @@ INSERT INTO {{t}} AS t (name, token, fence, acquired_at, expires_at, host, pid, 
 SELECT %(name)s, %(token)s, GREATEST((extract(epoch FROM c.now) * 1000000)::int8, {FLOOR.format(t="{t}")}),
        c.now, c.now + %(ttl)s::float8 * interval '1 second',
        %(host)s, %(pid)s, %(thread)s, %(holder)s::int8
-FROM c WHERE {alive('%(holder)s::int8')}
+FROM c WHERE NOT c.stale AND {alive('%(holder)s::int8')}
 ON CONFLICT (name) DO UPDATE SET
     token = excluded.token, fence = GREATEST(t.fence + 1, excluded.fence),
     acquired_at = excluded.acquired_at,
@@ -165,7 +165,7 @@ INSERT INTO {q} AS q (token, name, arrival, holder, deadline, ttl, host, pid, th
 SELECT %(member)s::text, %(name)s, c.now, %(holder)s::int8,
        c.now + %(patience)s::float8 * interval '1 second',
        %(ttl)s::float8, %(host)s, %(pid)s, %(thread)s
-FROM c WHERE %(member)s::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM took)
+FROM c WHERE NOT c.stale AND %(member)s::text IS NOT NULL AND NOT EXISTS (SELECT 1 FROM took)
 ON CONFLICT (token) DO UPDATE SET deadline = excluded.deadline, holder = excluded.holder
 RETURNING q.arrival
 )"""
@@ -179,23 +179,36 @@ _RESULT = f"""SELECT took.fence IS NOT NULL, took.fence, took.acquired,
             ELSE (SELECT extract(epoch FROM l.expires_at - clock_timestamp())::float8 FROM {{t}} l
                   WHERE l.name = %(name)s AND l.token IS NOT NULL) END,
        took.fence IS NOT NULL OR {alive('%(holder)s::int8')}, (SELECT arrival FROM enq),
-       extract(epoch FROM clock_timestamp())::float8
+       extract(epoch FROM clock_timestamp())::float8, (SELECT stale FROM c)
 FROM (SELECT 1) one LEFT JOIN took ON true"""
+# Every statement that may take a lock starts here. ``stale``: the name's row, in this
+# statement's snapshot, was deleted by a release that committed after the snapshot was
+# taken (the locking read, which waits for such a release and sees the latest state,
+# finds none). The snapshot's fence floor then lacks the deleted row's fence, and the
+# insert that would follow (a fresh row, after waiting for that release) would stamp a
+# fence and a start from before the release: a fence lower than the last holder's, a
+# lease that seems to begin before the previous one ended. So such a statement takes
+# nothing and says so, and the client runs it again at once, with a fresh snapshot.
+# (chaos/test_chaos.py caught it: two threads, one's fresh insert waiting on the other's
+# release.) The locking read also orders ``now`` after any release it waited for.
+_START = """snap AS (SELECT count(*) AS n FROM {t} WHERE name = %(name)s),
+lk AS (SELECT count(*) AS n FROM (SELECT 1 FROM {t} WHERE name = %(name)s FOR NO KEY UPDATE) r),
+c AS (SELECT (SELECT n FROM snap) > (SELECT n FROM lk) AS stale, clock_timestamp() AS now)"""
 # A newcomer: free, and nobody alive waits (it would be ahead). A waiter (``member``
 # set) that does not get the lock takes its place in the queue in the same statement.
-ACQUIRE = f"""WITH c AS (SELECT clock_timestamp() AS now),
+ACQUIRE = f"""WITH {_START},
 {_TAKE.replace("{ahead}", "")},
 {_ENQUEUE}
 {_RESULT}"""
 # A newcomer that does not queue: the first attempt on a name that was free last time
 # (most are), one part fewer to run than ACQUIRE.
-TAKE = f"""WITH c AS (SELECT clock_timestamp() AS now),
+TAKE = f"""WITH {_START},
 {_TAKE.replace("{ahead}", "")}
 {_RESULT.replace("(SELECT arrival FROM enq)", "NULL::timestamptz")}"""
 # A queued waiter: free, and nobody alive ahead of it. Taking the lock, it leaves the
 # queue; else it renews its place (or takes a new one if its place lapsed), and clears
 # lapsed places of others.
-RETRY = f"""WITH c AS (SELECT clock_timestamp() AS now),
+RETRY = f"""WITH {_START},
 {_TAKE.replace("{ahead}", " AND (q.arrival, q.token) < (%(arrival)s::timestamptz, %(member)s::text)")},
 gone AS (
 DELETE FROM {{q}} WHERE token = %(member)s::text AND EXISTS (SELECT 1 FROM took)
