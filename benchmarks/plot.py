@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Patch
 
 OURS, PEER = "#1f77b4", "#b0b0b0"
-FAMILY_ORDER = ["memory", "file", "sqlite", "redis", "postgres"]
+FAMILY_ORDER = ["memory", "file", "sqlite", "redis", "postgres", "deepkit"]
 
 
 def load(path: str) -> Dict[str, Any]:
