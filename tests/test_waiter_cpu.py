@@ -85,8 +85,8 @@ def test_a_blocked_waiter_burns_almost_no_cpu(make_store: Any, request: pytest.F
     kind = request.node.callspec.params["make_store"]
     if kind in ("sqlite", "file") and not HAVE_INOTIFY:
         pytest.skip(
-            "no inotify here: FIFO and named-event waiters look for a dead holder every "
-            "0.2 s (embedded.bells.DEATH_NET; docs/frugality.rst)"
+            "no inotify here (not Linux, or BROKERLOCK_PORTABLE=1): embedded-store waiters "
+            "look for a dead holder every 0.2 s, or poll (docs/frugality.rst)"
         )
     # A first, short wait of the same kind pays the one-time costs (a bell, inotify's
     # ctypes, a listening session, a presence connection), as a long-running program
