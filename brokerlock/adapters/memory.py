@@ -20,7 +20,7 @@ from .base import Adapter, Lease, Request
 class _Waiter:
     __slots__ = ("cond",)
 
-    def __init__(self, mutex: threading.Lock) -> None:
+    def __init__(self, mutex: threading.RLock) -> None:
         self.cond = threading.Condition(mutex)
 
 
@@ -34,7 +34,12 @@ class MemoryAdapter(Adapter):
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.url = "memory://"
         self._clock = clock
-        self._mutex = threading.Lock()
+        # An RLock, not a Lock, for the waiters' Conditions on it: with a plain Lock,
+        # Condition.wait() takes the mutex back in a Python method, whose entry an
+        # interrupt can hit, and the waiter then leaves its ``with`` block without the
+        # mutex ("release unlocked lock", the queue changed unguarded). An RLock's
+        # restore is one C call: when wait() raises, the mutex is ours again.
+        self._mutex = threading.RLock()
         self._leases: Dict[str, Lease] = {}
         # One counter for the whole store rather than one per name: a released name
         # then leaves nothing behind, and its fences still only grow.
