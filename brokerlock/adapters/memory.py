@@ -113,6 +113,11 @@ class MemoryAdapter(Adapter):
                         bound = min(bound, max(0.0, lease.expires_at - self._clock()) + 0.0005)
                     waiter.cond.wait(bound if remaining is None else min(remaining, bound))
             finally:
+                # Condition.wait() restores the mutex in its own finally, which an
+                # interrupt can cut short on CPython 3.9 and 3.10 (they look for
+                # signals at almost every instruction): take it back before leaving.
+                if not self._mutex._is_owned():  # type: ignore[attr-defined]
+                    self._mutex.acquire()
                 self._leave(name, token)
 
     def _leave(self, name: str, token: str) -> None:
