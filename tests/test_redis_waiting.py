@@ -90,15 +90,30 @@ time.sleep(60)
 """
 
 
+
+def _start_holder(url: str) -> subprocess.Popen[str]:
+    """A process that holds "job" with a 30 s lease, once it says so."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    except BaseException:
+        _kill(holder)
+        raise
+    return holder
+
+
+def _kill(holder: subprocess.Popen[str]) -> None:
+    holder.kill()
+    holder.wait(10)
+
 def test_a_waiter_that_takes_the_lock_from_the_queue_tells_the_next(url: str) -> None:
     """The holder of a 30 s lease is killed (nothing pushes that); the first waiter
     takes the lock from the head of the queue and is then stopped: the waiter behind
     it, parked with the dead holder's 30 s lease in view, is pushed by that take and
     watches the new lease's end instead."""
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, url], stdout=subprocess.PIPE, text=True)
+    holder = _start_holder(url)
     first_adapter, waiter = RedisAdapter(url), RedisAdapter(url)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         first = Request.make("job", "b" * 32, 0.3)
         assert first_adapter._try(first, True)[1:4:2] == (0, 1)
         second = Request.make("job", "c" * 32, 30.0)
@@ -106,8 +121,7 @@ def test_a_waiter_that_takes_the_lock_from_the_queue_tells_the_next(url: str) ->
         thread = _wait_in_thread(waiter, second, got)
         _queued(waiter, "job", 2)
         time.sleep(0.1)  # parked in BLPOP with the holder's 30 s lease in view
-        holder.kill()
-        holder.wait(10)
+        _kill(holder)
         took = first_adapter._try(first, True)[0]
         assert took is not None, "the head of the queue could not take the dead holder's lock"
         thread.join(PROMPT + 1.0)
@@ -118,8 +132,7 @@ def test_a_waiter_that_takes_the_lock_from_the_queue_tells_the_next(url: str) ->
         assert lease.fence > took.fence
         assert waiter.release("job", second.token)
     finally:
-        holder.kill()
-        holder.wait(10)
+        _kill(holder)
         for adapter in (first_adapter, waiter):
             adapter.close()
 
@@ -128,17 +141,15 @@ def test_a_newcomer_that_finds_a_dead_holder_wakes_the_head_of_the_queue(url: st
     """The holder of a 30 s lease is killed; a newcomer's try finds the lock free but a
     waiter ahead of it: it must not take the lock, and the parked waiter, woken by that
     try, takes it at once (not at its net, and not after losing its place)."""
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, url], stdout=subprocess.PIPE, text=True)
+    holder = _start_holder(url)
     waiter, newcomer = RedisAdapter(url), RedisAdapter(url)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         parked = Request.make("job", "b" * 32, 30.0)
         got: List[Any] = []
         thread = _wait_in_thread(waiter, parked, got)
         _queued(waiter, "job", 1)
         time.sleep(0.1)  # parked in BLPOP with the holder's 30 s lease in view
-        holder.kill()
-        holder.wait(10)
+        _kill(holder)
         assert newcomer.try_acquire(Request.make("job", "c" * 32, 30.0)) is None
         thread.join(PROMPT)
         assert got, "the parked waiter was not woken by the newcomer's look"
@@ -147,7 +158,6 @@ def test_a_newcomer_that_finds_a_dead_holder_wakes_the_head_of_the_queue(url: st
         assert newcomer.try_acquire(Request.make("job", "d" * 32, 30.0)) is None
         assert waiter.release("job", parked.token)
     finally:
-        holder.kill()
-        holder.wait(10)
+        _kill(holder)
         for adapter in (waiter, newcomer):
             adapter.close()
