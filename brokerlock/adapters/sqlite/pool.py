@@ -74,10 +74,15 @@ class Pool:
         with self._ready:
             self._waiting += 1
             try:
-                while not self._idle:
+                # ``while True``, not ``while not self._idle``: CPython 3.13 leaves the
+                # back edge of a loop with a condition outside the frame's handlers
+                # (cpython#130279), so a KeyboardInterrupt there would skip this
+                # ``finally`` and the ``with``, and keep the pool's lock from every thread.
+                while True:
+                    if self._idle:
+                        return self._idle.pop()
                     if not self._ready.wait(REPLENISH_AFTER):
                         self._replenish()
-                return self._idle.pop()
             finally:
                 self._waiting -= 1
 
