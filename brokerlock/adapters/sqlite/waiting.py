@@ -11,7 +11,9 @@ from __future__ import annotations
 import sqlite3
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
+from ..._platform import WAKEUP
 from ..base import Lease, Request
+from ..embedded.liveness import Watch
 from ..embedded.store import Renewal, entry_life
 from . import sql
 
@@ -19,8 +21,16 @@ if TYPE_CHECKING:
     from .adapter import SQLiteAdapter
 
 #: What a step tells ``Bells.wait_turn``: the lease if taken, when the current lease
-#: expires, and a bell to ring.
-Step = Tuple[Optional[Lease], Optional[float], Optional[str]]
+#: expires, a bell to ring, and whose death to watch (``embedded.liveness``).
+Step = Tuple[Optional[Lease], Optional[float], Optional[str], Watch]
+#: Whether a waiter needs to know whom to watch: only where no inotify tells it of
+#: every death in the store.
+_WATCHES = WAKEUP in ("fifo", "event")
+#: The waiters ahead of a ticket, nearest first: the nearest live one is watched.
+_AHEAD = (
+    "SELECT witness, pid FROM brokerlock_waiters WHERE name = ? AND ticket < ? AND until > ? "
+    "ORDER BY ticket DESC LIMIT 4"
+)
 
 
 class QueuePlace:
@@ -64,7 +74,7 @@ class QueuePlace:
         if self.ticket is None and self.newcomer:
             lease = self._take_or_join(conn, now)
             if lease is not None:
-                return lease, None, None
+                return lease, None, None, None
         elif self.ticket is None:
             self.join(conn, now)
         elif self.renewal.due(now):
@@ -80,7 +90,7 @@ class QueuePlace:
                 holder = conn.execute(sql.HOLDER, (name,)).fetchone()
                 if holder is not None and holder[1] == token and live(holder, now):
                     self.ticket = None
-                    return store._lease(holder), None, None
+                    return store._lease(holder), None, None, None
                 self.join(conn, now)
         # A read first, which never waits for SQLite's write lock: granted (its news
         # lost), or held by a live holder (then sleep until the bell or its expiry).
@@ -89,7 +99,7 @@ class QueuePlace:
         if holder is not None and holder[1] == token:
             if live(holder, now):
                 self.ticket = None
-                return store._lease(holder), None, None
+                return store._lease(holder), None, None, None
             # Granted, but the lease ran out before we learned of it (we were
             # stopped): not ours to walk in with. Our place went with the grant:
             # queue again and take the lock below like any head of the queue (what
@@ -101,14 +111,14 @@ class QueuePlace:
             and live(holder, now)
             and store._witness.is_alive(holder[8])
         ):
-            return None, holder[4], None
+            return None, holder[4], None, self._watch(conn, holder, now)
         # Free, run out or its holder dead: take it if we head the queue, in one
         # statement; dead waiters ahead of us make it fail, and are pruned below.
         params = store._params(request)
         row = conn.execute(sql.ACQUIRE_HEAD, params).fetchone()
         if row is not None:
             self.ticket = None  # the trigger took us out of the queue
-            return store._new_lease(request, params, int(row[0])), None, None
+            return store._new_lease(request, params, int(row[0])), None, None, None
         return self._turn(conn, params)
 
     def _take_or_join(self, conn: sqlite3.Connection, now: float) -> Optional[Lease]:
@@ -161,7 +171,17 @@ class QueuePlace:
             self.ticket = None
         # Dead waiters ahead were dropped: if the lock is free, tell the new head.
         wake = head[1] if dead and head is not None and not busy and fence is None else None
-        return store._new_lease(self.request, params, fence), expires, wake
+        lease = store._new_lease(self.request, params, fence)
+        # (Whom to watch is not known here: the net covers this passing state.)
+        return lease, expires, wake, None
+
+    def _watch(self, conn: sqlite3.Connection, holder: Tuple[Any, ...], now: float) -> Watch:
+        """The live ``holder`` and the waiters ahead of us (``liveness``); the pids
+        are those of their processes (``Request.pid``)."""
+        if not _WATCHES or self.ticket is None:
+            return None
+        ahead = conn.execute(_AHEAD, (self.request.name, self.ticket, now)).fetchall()
+        return (holder[8], holder[6]), [(w, p) for w, p in ahead]
 
 
 def live(holder: Tuple[Any, ...], now: float) -> bool:
