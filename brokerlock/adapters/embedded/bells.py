@@ -38,7 +38,7 @@ from .files import (
     read_at,
     write_at,
 )
-from .liveness import Watch, Watches
+from .liveness import DEAD, SETTLING, UNWATCHED, WATCHED, Watch, Watches
 from .liveness import sweep as sweep_liveness
 from .wakeup import _IN_CLOEXEC, _IN_NONBLOCK, CLOSED, MODIFIED, InotifyWaiter, libc
 from .wakeup_fifo import SUFFIX as FIFO_SUFFIX
@@ -64,6 +64,9 @@ SAFETY_NET = 4.0
 #: it cannot watch one of them (a holder of an older version, no FIFO, no process
 #: handle), it looks again this often instead, and finds the dead one's byte free.
 DEATH_NET = 2.0
+#: How often a waiter looks while a death it was told of is still under way (see
+#: ``liveness.SETTLE_TIME``).
+SETTLE = 0.01
 
 
 class _SharedInotifyWaiter(InotifyWaiter):
@@ -334,12 +337,12 @@ class Bells:
                 bound = SAFETY_NET
                 if WAKEUP != "inotify":
                     # The push is a hint; after any wake the step looks at the truth.
-                    pushed = _watch(waiter, watch)
-                    if pushed is None:  # someone watched is dead already
+                    watched = _watch(waiter, watch)
+                    if watched == DEAD:  # someone it would watch is dead already
                         lease, expires, wake, watch = step()
                         continue
-                    if not pushed:
-                        bound = DEATH_NET
+                    if watched != WATCHED:
+                        bound = SETTLE if watched == SETTLING else DEATH_NET
                 if expires is not None:
                     bound = min(bound, max(0.0, expires - clock()) + 0.001)
                 waiter.wait(bound if remaining is None else min(bound, remaining))
@@ -380,10 +383,10 @@ class Bells:
                 pass
 
 
-def _watch(waiter: Waiter, watch: Watch) -> Optional[bool]:
+def _watch(waiter: Waiter, watch: Watch) -> str:
     """Have ``waiter`` watch the deaths ``watch`` names: see ``Watches.choose``."""
     if isinstance(waiter, FifoWaiter):
         return waiter.watch(watch)
     if sys.platform == "win32" and WAKEUP == "event" and isinstance(waiter, EventWaiter):
         return waiter.watch(watch)
-    return False
+    return UNWATCHED

@@ -34,10 +34,11 @@ import os
 import stat
 import sys
 import threading
-from typing import TYPE_CHECKING, Dict, Optional, Sequence, Set, Tuple
+import time
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
 
 from ..._log import log
-from .files import O_CLOEXEC, O_NOFOLLOW, ensure_private_dir
+from .files import O_CLOEXEC, O_NOFOLLOW, ensure_private_dir, is_shared_dir
 
 if TYPE_CHECKING:
     from .witness import Witness
@@ -84,12 +85,7 @@ def announce(directory: str, offset: int, witness: Witness) -> None:
         ensure_private_dir(directory)
         sweep(directory, witness)
         path = os.path.join(directory, f"{PREFIX}{offset}")
-        try:
-            os.mkfifo(path, 0o600)
-        except FileExistsError:
-            # Left by a dead process that had the same byte (its lock is ours now).
-            os.unlink(path)
-            os.mkfifo(path, 0o600)
+        _make(path, directory)
         # A writer cannot open a FIFO without blocking while nobody reads it (ENXIO),
         # and O_RDWR on a FIFO is undefined by POSIX: so a reader for a moment.
         reader = os.open(path, os.O_RDONLY | _O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC)
@@ -107,6 +103,34 @@ def announce(directory: str, offset: int, witness: Witness) -> None:
             _own.clear()
             _own_pid = os.getpid()
         _own[path] = writer
+
+
+def _make(path: str, directory: str) -> None:
+    """The FIFO at ``path``: 0600, or 0660 in a group-shared directory, where the
+    group's waiters must open it; there it appears with that mode (made under a
+    temporary name, named after our pid so that ``Bells._sweep`` removes it if we die
+    first, then renamed into place)."""
+    if sys.platform == "win32":  # (never called there)
+        raise OSError(errno.ENOSYS, "no FIFOs on Windows", path)
+    if not is_shared_dir(directory):
+        try:
+            os.mkfifo(path, 0o600)
+        except FileExistsError:
+            # Left by a dead process that had the same byte (its lock is ours now).
+            os.unlink(path)
+            os.mkfifo(path, 0o600)
+        return
+    temporary = os.path.join(directory, f"{os.getpid()}.{os.urandom(4).hex()}.live-tmp")
+    os.mkfifo(temporary, 0o600)
+    try:
+        os.chmod(temporary, 0o660)
+        os.replace(temporary, path)  # (replacing a dead process's FIFO of our byte)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
 
 
 def _remove_own() -> None:
@@ -167,70 +191,80 @@ def sweep(directory: str, witness: Witness) -> None:
 _KEEP = 8
 
 
+#: What a waiter's watches tell it (``Watches.choose``).
+WATCHED = "watched"  # every death that concerns it will be pushed: sleep to the net
+UNWATCHED = "unwatched"  # not every one: look again every ``bells.DEATH_NET``
+SETTLING = "settling"  # one was pushed but still looks alive: its exit is under way
+DEAD = "dead"  # one is dead already: look again at once
+#: How long a peer whose death was pushed may still look alive. A dying process drops
+#: its witness byte and its FIFO (or, on Windows, becomes signalled) one after the
+#: other, in an order no kernel promises, so the news may come a moment early; the
+#: waiter then looks again every ``bells.SETTLE`` for this long. A peer that still
+#: lives after it (a push no kernel should give) is left to the net.
+SETTLE_TIME = 1.0
+_WORST = {WATCHED: 0, UNWATCHED: 1, SETTLING: 2, DEAD: 3}
+
+
 class Watches:
     """A waiting thread's open watches on the peers of one store: a FIFO's read end
     (POSIX) or a process handle (Windows) per peer, kept between waits.
 
     A watch that fired (its peer died, or seemed to) is closed and its peer never
-    watched again by this thread: a watch that fired while its peer still lives (which
-    no kernel should do) would otherwise wake the waiter in a loop."""
+    watched again by this thread: a watch that fired while its peer still lives would
+    otherwise wake the waiter in a loop."""
 
     def __init__(self, directory: str, witness: Witness) -> None:
         self.directory = directory
         self.witness = witness
         self._open: Dict[Tuple[Optional[str], Optional[int]], int] = {}
-        self._spent: Set[Tuple[Optional[str], Optional[int]]] = set()
+        #: Peers whose watch fired: when (monotonic).
+        self._spent: Dict[Tuple[Optional[str], Optional[int]], float] = {}
         #: What the last ``choose`` picked: descriptor or handle -> peer.
         self.chosen: Dict[int, Tuple[Optional[str], Optional[int]]] = {}
 
-    def choose(self, watch: Watch) -> Optional[bool]:
+    def choose(self, watch: Watch) -> str:
         """Open (or keep) the watches ``watch`` asks for; then ``self.chosen`` holds
-        them. True: every death that concerns the waiter is pushed; False: not all
-        (it must fall back to the net); None: a peer is dead already (look again now).
-        """
+        them. Says how far the waiter may trust them: ``WATCHED``, ``UNWATCHED``,
+        ``SETTLING`` or ``DEAD``."""
         self.chosen = {}
         if watch is None:
-            return False
+            return UNWATCHED
         holder, ahead = watch
-        complete = True
+        state = WATCHED
         if holder is not None:
-            got = self._watch(holder)
-            if got is None:
-                return None
-            complete = got
+            state = self._watch(holder)
+            if state == DEAD:
+                return DEAD
         if ahead:
             for peer in ahead:  # the nearest live one
                 got = self._watch(peer)
-                if got is None:
-                    continue  # dead: whoever is behind it waits on the next one
-                if got:
+                if got != DEAD:
+                    state = max(state, got, key=_WORST.__getitem__)
                     break
-                complete = False
-                break
+                # (dead: whoever is behind it watches the next one)
             else:
-                complete = False  # all ahead dead: let the next look drop them
-        return complete
+                state = max(state, UNWATCHED, key=_WORST.__getitem__)  # the next look drops them
+        return state
 
-    def _watch(self, peer: Peer) -> Optional[bool]:
-        """Watch ``peer``: True if watched, False if it cannot be, None if it is dead."""
-        if peer in self._spent:
-            return False
+    def _watch(self, peer: Peer) -> str:
+        """Watch ``peer``, if it can be watched."""
+        fired = self._spent.get(peer)
+        if fired is not None:
+            return SETTLING if time.monotonic() - fired < SETTLE_TIME else UNWATCHED
         if peer[0] is not None and peer[0] == self.witness.mine():
-            return True  # ourselves (another thread holds): our death needs no news
+            return WATCHED  # ourselves (another thread holds): our death needs no news
         handle = self._open.pop(peer, None)
         if handle is not None:
             self._open[peer] = handle  # the most recently used: evicted last
         else:
-            if len(self._spent) > 256:
-                self._spent.clear()  # (bounded; a spent peer is only watched again)
             got = self._opened(peer)
             if got is None or got < 0:
-                return None if got is None else False
+                return DEAD if got is None else UNWATCHED
             while len(self._open) >= _KEEP:
                 self._close(next(iter(self._open)))
             self._open[peer] = handle = got
         self.chosen[handle] = peer
-        return True
+        return WATCHED
 
     def _opened(self, peer: Peer) -> Optional[int]:
         """A new watch on ``peer``: its descriptor or handle, -1 if none can be had,
@@ -278,10 +312,12 @@ class Watches:
 
     def fired(self, handles: Sequence[int]) -> None:
         """The watches ``handles`` fired: close them, and never watch their peers again."""
+        if len(self._spent) > 256:  # (bounded: a forgotten peer is only watched again)
+            self._spent.clear()
         for handle in handles:
             peer = self.chosen.pop(handle, None)
             if peer is not None:
-                self._spent.add(peer)
+                self._spent[peer] = time.monotonic()
                 self._close(peer)
 
     def _close(self, peer: Tuple[Optional[str], Optional[int]]) -> None:

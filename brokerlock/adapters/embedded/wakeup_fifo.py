@@ -24,7 +24,7 @@ from typing import Any, List, Optional, Tuple
 
 from ..base import Waiter
 from .files import O_CLOEXEC, O_NOFOLLOW, KeptFiles
-from .liveness import Watch, Watches
+from .liveness import UNWATCHED, Watch, Watches
 
 _O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)  # (never used on Windows, which lacks it)
 #: Beside each bell file (which carries the news of a ring) lies its FIFO.
@@ -84,10 +84,10 @@ class FifoWaiter(Waiter):
         self._poll = _MultiPoll(read_fd)
         self._drain()  # rings meant for an earlier wait of this thread
 
-    def watch(self, watch: Watch) -> Optional[bool]:
+    def watch(self, watch: Watch) -> str:
         """Watch the deaths ``watch`` names too (see ``Watches.choose``)."""
         if self._watches is None:
-            return False
+            return UNWATCHED
         complete = self._watches.choose(watch)
         extra = tuple(self._watches.chosen)
         if extra != self._extra:

@@ -15,7 +15,7 @@ import threading
 from typing import Any, Dict, List, Optional
 
 from ..base import Waiter
-from .liveness import Watch, Watches
+from .liveness import UNWATCHED, Watch, Watches
 
 if sys.platform == "win32":
     import ctypes
@@ -124,10 +124,10 @@ if sys.platform == "win32":
             self._handles = (wintypes.HANDLE * 1)(handle)
             self._extra: List[int] = []
 
-        def watch(self, watch: Watch) -> Optional[bool]:
+        def watch(self, watch: Watch) -> str:
             """Watch the deaths ``watch`` names too (see ``Watches.choose``)."""
             if self._watches is None:
-                return False
+                return UNWATCHED
             complete = self._watches.choose(watch)
             extra = list(self._watches.chosen)
             if extra != self._extra:
