@@ -103,6 +103,7 @@ def announce(directory: str, offset: int, witness: Witness) -> None:
             _own.clear()
             _own_pid = os.getpid()
         _own[path] = writer
+        _hook()
 
 
 def _make(path: str, directory: str) -> None:
@@ -133,6 +134,20 @@ def _make(path: str, directory: str) -> None:
         raise
 
 
+_hooked = False
+
+
+def _hook() -> None:
+    """Register the exit and fork hooks, once: only a process that made a FIFO needs
+    them (importing this module costs nothing)."""
+    global _hooked
+    if not _hooked:
+        _hooked = True
+        atexit.register(_remove_own)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _remove_own() -> None:
     # At a clean exit: nobody needs our FIFOs any more. (A killed process leaves them to
     # the next sweep.)
@@ -159,9 +174,6 @@ def _after_fork_in_child() -> None:
     _own.clear()
 
 
-atexit.register(_remove_own)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def sweep(directory: str, witness: Witness) -> None:

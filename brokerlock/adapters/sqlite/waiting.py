@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple
 
 from ..._platform import WAKEUP
 from ..base import Lease, Request
-from ..embedded.liveness import Watch
 from ..embedded.store import Renewal, entry_life
 from . import sql
 
 if TYPE_CHECKING:
+    from ..embedded.liveness import Watch
     from .adapter import SQLiteAdapter
 
 #: What a step tells ``Bells.wait_turn``: the lease if taken, when the current lease
 #: expires, a bell to ring, and whose death to watch (``embedded.liveness``).
-Step = Tuple[Optional[Lease], Optional[float], Optional[str], Watch]
+Step = Tuple[Optional[Lease], Optional[float], Optional[str], "Watch"]
 #: Whether a waiter needs to know whom to watch: only where no inotify tells it of
 #: every death in the store.
 _WATCHES = WAKEUP in ("fifo", "event")
