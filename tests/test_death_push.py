@@ -12,6 +12,7 @@ that, not a sleep, is when the test kills.
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -43,6 +44,20 @@ print("held", item.fence, flush=True)
 if sys.stdin.readline():
     item.release()
     print("released", flush=True)
+sys.stdin.readline()
+"""
+
+#: Holds "job", then forks a child that lives on (and would keep a copy of the
+#: liveness FIFO's write end open, were it not closed at the fork).
+_FORKING_HOLDER = """
+import os, sys, time
+from brokerlock import BrokerLock
+item = BrokerLock.from_url(sys.argv[1]).item("job", ttl="60s").acquire()
+child = os.fork()
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+print("held", item.fence, child, flush=True)
 sys.stdin.readline()
 """
 
@@ -185,6 +200,30 @@ def test_a_grant_does_not_leave_a_waiter_watching_the_wrong_process(
     second.got("settling")
     late = time.monotonic() - killed
     assert late < BOUND, f"the waiter heard of its new holder's death {late:.2f} s late"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
+def test_a_fork_child_does_not_keep_its_parents_death_a_secret(
+    store: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A fork child inherits the parent's descriptors, the write end of its liveness
+    FIFO among them: it must close its copy, or the FIFO hangs up only when the child
+    exits too. (The parent's witness byte does not pass to the child.)"""
+    url = _url(store, tmp_path)
+    holder = _start(request, _FORKING_HOLDER, url)
+    held = holder.line()
+    assert held[0] == "held"
+    child = int(held[2])
+    try:
+        waiter = _start(request, _WAITER, url, "push")
+        waiter.parked()
+        killed = time.monotonic()
+        holder.kill()
+        waiter.got("settling")
+        late = time.monotonic() - killed
+        assert late < BOUND, f"the waiter heard of its holder's death {late:.2f} s late"
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 #: The blocked time of the looks test: the figure of issue 17 (1 ms of CPU per 5 s).
