@@ -97,18 +97,18 @@ item.release()
 """
 
 
-def _env() -> Dict[str, str]:
+def _env(forced: Dict[str, str]) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("BROKERLOCK_PORTABLE", "BROKERLOCK_WAKEUP")}
-    env.update(FORCED)
+    env.update(forced)
     return env
 
 
 class Proc:
     """A Python process running ``code``, spoken to line by line."""
 
-    def __init__(self, code: str, *args: str) -> None:
+    def __init__(self, code: str, *args: str, forced: Dict[str, str] = FORCED) -> None:
         self.popen = subprocess.Popen(
-            [sys.executable, "-c", code, *args], cwd=ROOT, env=_env(), text=True,
+            [sys.executable, "-c", code, *args], cwd=ROOT, env=_env(forced), text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=1,
         )
 
@@ -157,8 +157,8 @@ def _url(kind: str, tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/locks.sqlite3" if kind == "sqlite" else file_url(tmp_path / "locks")
 
 
-def _start(request: pytest.FixtureRequest, code: str, *args: str) -> Proc:
-    proc = Proc(code, *args)
+def _start(request: pytest.FixtureRequest, code: str, *args: str, **kw: Dict[str, str]) -> Proc:
+    proc = Proc(code, *args, **kw)
     request.node.procs.append(proc)
     return proc
 
@@ -200,6 +200,25 @@ def test_a_grant_does_not_leave_a_waiter_watching_the_wrong_process(
     second.got("settling")
     late = time.monotonic() - killed
     assert late < BOUND, f"the waiter heard of its new holder's death {late:.2f} s late"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a holder without a FIFO: inotify's")
+def test_a_holder_that_cannot_be_watched_is_left_to_the_net(
+    store: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A holder that made no liveness FIFO (here: one on the inotify path, as an older
+    version would be) cannot be watched: its waiter says so, and looks again every
+    ``DEATH_NET`` (2 s), in which it finds the killed holder's byte free."""
+    url = _url(store, tmp_path)
+    holder = _start(request, _HOLDER, url, forced={})
+    assert holder.line()[0] == "held"
+    waiter = _start(request, _WAITER, url, "push")
+    assert waiter.line() == ["parked", "unwatched"]
+    killed = time.monotonic()
+    holder.kill()
+    waiter.got("unwatched")
+    late = time.monotonic() - killed
+    assert late < 2.0 + 2.0, f"the waiter's net caught its holder's death {late:.2f} s late"
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")

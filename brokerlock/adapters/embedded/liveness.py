@@ -86,15 +86,13 @@ def announce(directory: str, offset: int, witness: Witness) -> None:
         sweep(directory, witness)
         path = os.path.join(directory, f"{PREFIX}{offset}")
         _make(path, directory)
-        # A writer cannot open a FIFO without blocking while nobody reads it (ENXIO),
-        # and O_RDWR on a FIFO is undefined by POSIX: so a reader for a moment.
-        reader = os.open(path, os.O_RDONLY | _O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC)
         try:
-            if not stat.S_ISFIFO(os.fstat(reader).st_mode):
-                raise OSError(errno.EINVAL, "not the FIFO just made", path)
-            writer = os.open(path, os.O_WRONLY | _O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC)
-        finally:
-            os.close(reader)
+            writer = _open_writer(path)
+        except OSError:
+            # Never left without its writer: a waiter would take it for watched, and
+            # no hang-up would ever come.
+            os.unlink(path)
+            raise
     except Exception as exc:  # (BrokerLockError from the directory's checks, OSError)
         log.debug("no liveness FIFO in %s (%s); waiters will look for our death", directory, exc)
         return
@@ -104,6 +102,18 @@ def announce(directory: str, offset: int, witness: Witness) -> None:
             _own_pid = os.getpid()
         _own[path] = writer
         _hook()
+
+
+def _open_writer(path: str) -> int:
+    # A writer cannot open a FIFO without blocking while nobody reads it (ENXIO), and
+    # O_RDWR on a FIFO is undefined by POSIX: so a reader for a moment.
+    reader = os.open(path, os.O_RDONLY | _O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC)
+    try:
+        if not stat.S_ISFIFO(os.fstat(reader).st_mode):
+            raise OSError(errno.EINVAL, "not the FIFO just made", path)
+        return os.open(path, os.O_WRONLY | _O_NONBLOCK | O_NOFOLLOW | O_CLOEXEC)
+    finally:
+        os.close(reader)
 
 
 def _make(path: str, directory: str) -> None:
