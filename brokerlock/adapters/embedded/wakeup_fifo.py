@@ -88,12 +88,12 @@ class FifoWaiter(Waiter):
         """Watch the deaths ``watch`` names too (see ``Watches.choose``)."""
         if self._watches is None:
             return UNWATCHED
-        complete = self._watches.choose(watch)
+        state = self._watches.choose(watch)
         extra = tuple(self._watches.chosen)
         if extra != self._extra:
             self._poll.set(extra)
             self._extra = extra
-        return complete
+        return state
 
     def wait(self, timeout: Optional[float]) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -128,12 +128,12 @@ if sys.platform == "win32":
             """Watch the deaths ``watch`` names too (see ``Watches.choose``)."""
             if self._watches is None:
                 return UNWATCHED
-            complete = self._watches.choose(watch)
+            state = self._watches.choose(watch)
             extra = list(self._watches.chosen)
             if extra != self._extra:
                 self._extra = extra
                 self._handles = (wintypes.HANDLE * (1 + len(extra)))(self._handle, *extra)
-            return complete
+            return state
 
         def wait(self, timeout: Optional[float]) -> None:
             ms = _INFINITE if timeout is None else min(int(max(0.0, timeout) * 1000) + 1, _INFINITE - 1)
