@@ -202,7 +202,9 @@ def test_a_grant_does_not_leave_a_waiter_watching_the_wrong_process(
     assert late < BOUND, f"the waiter heard of its new holder's death {late:.2f} s late"
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a holder without a FIFO: inotify's")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="needs a holder without a liveness FIFO: Linux inotify's"
+)
 def test_a_holder_that_cannot_be_watched_is_left_to_the_net(
     store: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
