@@ -23,7 +23,10 @@ Whom a waiter watches: the holder, and the nearest live waiter ahead of it in th
 queue (``Watch``). When the holder dies, the head wakes and takes the lock; when a
 waiter ahead dies, the one behind it wakes and moves up; and since the holder of
 tomorrow is a waiter ahead today, a grant never leaves anyone watching the wrong
-process. Each waiter keeps at most two such descriptors in its poll set.
+process. Each waiter keeps at most two such descriptors in its poll set. (A lock
+file's look lists the whole queue, so a dead waiter ahead is passed over for the next
+one; SQLite's look reads only the nearest, and a dead one there leaves the waiter to
+the net until the queue drops it.)
 """
 
 from __future__ import annotations
