@@ -275,6 +275,8 @@ class Watches:
         """Watch ``peer``, if it can be watched."""
         fired = self._spent.get(peer)
         if fired is not None:
+            if not self.witness.is_alive(peer[0]):
+                return DEAD
             return SETTLING if time.monotonic() - fired < SETTLE_TIME else UNWATCHED
         if peer[0] is not None and peer[0] == self.witness.mine():
             return WATCHED  # ourselves (another thread holds): our death needs no news
