@@ -202,6 +202,30 @@ def test_a_grant_does_not_leave_a_waiter_watching_the_wrong_process(
     assert late < BOUND, f"the waiter heard of its new holder's death {late:.2f} s late"
 
 
+def test_a_waiter_ahead_killed_in_the_queue_does_not_hide_the_holders_death(
+    store: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Holder H, then waiters A and B. A is killed while queued: B hears of it and
+    sleeps again (SQLite's look still names dead A as the one ahead, so there B falls
+    back to the net for A, but goes on watching H). Then H is killed: B takes the lock
+    at once, passing over dead A."""
+    url = _url(store, tmp_path)
+    holder = _start(request, _HOLDER, url)
+    assert holder.line()[0] == "held"
+    first = _start(request, _WAITER, url, "push")
+    first.parked()
+    second = _start(request, _WAITER, url, "push")
+    second.parked()
+    first.kill()
+    again = second.line()  # woken by A's death, asleep again
+    assert again[0] == "parked" and again[1] in ("watched", "unwatched", "settling"), again
+    killed = time.monotonic()
+    holder.kill()
+    second.got("watched", "unwatched", "settling")
+    late = time.monotonic() - killed
+    assert late < BOUND, f"the waiter heard of its holder's death {late:.2f} s late"
+
+
 @pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="needs a holder without a liveness FIFO: Linux inotify's"
 )
