@@ -322,7 +322,7 @@ def test_a_release_just_after_a_waiters_look_still_wakes_it(tmp_path: Path, monk
     landing right after that read must find the waiter already queued, and ring it:
     with the safety net out of the way, a lost wake-up here shows as a timeout."""
     from brokerlock.adapters.embedded import bells as _bells
-    from brokerlock.adapters.sqlite import sql
+    from brokerlock.adapters.sqlite import sql, waiting
 
     monkeypatch.setattr(_bells, "SAFETY_NET", 60.0)
     path = tmp_path / "locks.sqlite3"
@@ -338,7 +338,8 @@ def test_a_release_just_after_a_waiters_look_still_wakes_it(tmp_path: Path, monk
 
         def execute(self, query: str, *args: Any) -> Any:
             cursor = self._conn.execute(query, *args)
-            if query == sql.HOLDER and not released.is_set():
+            # (On the FIFO and event paths the read also names the waiter ahead.)
+            if query in (sql.HOLDER, waiting._HOLDER_AND_AHEAD) and not released.is_set():
                 rows = cursor.fetchall()
                 released.set()
                 assert holder_side.release("job", "holder")

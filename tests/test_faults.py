@@ -130,7 +130,11 @@ def test_sqlite_database_deleted_or_replaced_while_held(fault: str, tmp_path: Pa
     first_fence = first.fence
     if fault == "deleted":
         for leftover in tmp_path.glob("locks.sqlite3*"):
-            leftover.unlink()
+            # (the bells directory too: on the FIFO path a holder's liveness FIFO is in it)
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
     else:
         SQLiteAdapter(tmp_path / "other.sqlite3").close()
         # A database is replaced together with its WAL: SQLite would replay the old WAL

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 import pytest
 
 from brokerlock import BrokerLock
-from brokerlock._platform import HAVE_INOTIFY
+from brokerlock._platform import WAKEUP
 
 BLOCKED = 2.0
 BOUND_MS = 4.0
@@ -83,10 +83,10 @@ def _wait_once(
 
 def test_a_blocked_waiter_burns_almost_no_cpu(make_store: Any, request: pytest.FixtureRequest) -> None:
     kind = request.node.callspec.params["make_store"]
-    if kind in ("sqlite", "file") and not HAVE_INOTIFY:
+    if kind in ("sqlite", "file") and WAKEUP is None:
         pytest.skip(
-            "no inotify here (not Linux, or BROKERLOCK_PORTABLE=1): embedded-store waiters "
-            "look for a dead holder every 0.2 s, or poll (docs/frugality.rst)"
+            "no push wake-ups here (BROKERLOCK_PORTABLE=1): embedded-store waiters poll "
+            "(docs/frugality.rst)"
         )
     # A first, short wait of the same kind pays the one-time costs (a bell, inotify's
     # ctypes, a listening session, a presence connection), as a long-running program

@@ -10,9 +10,10 @@ the queue's head (a release, a departure, a break) writes one byte into its bell
 Where inotify is missing the bell still carries the news, and the wake-up takes
 another way (``_platform.WAKEUP``): a FIFO beside the bell on other POSIX systems
 (``wakeup_fifo``), a named event on Windows (``wakeup_windows``). Neither can tell of
-a process's death as inotify on the witness file does, so there a waiter looks again
-at least every ``DEATH_NET``. Only with ``BROKERLOCK_PORTABLE=1`` are no bells made,
-and waiters poll with backoff.
+a process's death as inotify on the witness file does: there a waiter also watches
+the holder and the waiter ahead of it (``liveness``: their liveness FIFOs, or their
+process handles), and looks again every ``DEATH_NET`` only where it cannot. Only with
+``BROKERLOCK_PORTABLE=1`` are no bells made, and waiters poll with backoff.
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ from .files import (
     read_at,
     write_at,
 )
+from .liveness import DEAD, SETTLING, UNWATCHED, WATCHED, Watch, Watches
+from .liveness import sweep as sweep_liveness
 from .wakeup import _IN_CLOEXEC, _IN_NONBLOCK, CLOSED, MODIFIED, InotifyWaiter, libc
 from .wakeup_fifo import SUFFIX as FIFO_SUFFIX
 from .wakeup_fifo import FifoWaiter, make_fifo, ring_fifo
+from .witness import Witness, witness_for
 
 if sys.platform == "win32" and WAKEUP == "event":  # (not where a test pretends to be Windows)
     from .wakeup_windows import EventWaiter, close_event, make_event, pid_alive, ring_event
@@ -55,10 +59,14 @@ POLL_CAP = 0.1
 #: a net: each look costs a blocked waiter ~0.1-0.3 ms of CPU, and a look per second
 #: was most of what waiting cost (the target: at most 1 ms per 5 s).
 SAFETY_NET = 4.0
-#: Where no inotify watches the witness file (FIFO and event wake-ups), nothing wakes a
-#: waiter when the holder dies: it looks again this often, and finds the holder's
-#: witness byte free.
-DEATH_NET = 0.2
+#: Where no inotify watches the witness file (FIFO and event wake-ups), a waiter is
+#: told of the death of its holder and of the waiter ahead of it by ``liveness``. Where
+#: it cannot watch one of them (a holder of an older version, no FIFO, no process
+#: handle), it looks again this often instead, and finds the dead one's byte free.
+DEATH_NET = 2.0
+#: How often a waiter looks while a death it was told of is still under way (see
+#: ``liveness.SETTLE_TIME``).
+SETTLE = 0.01
 
 
 class _SharedInotifyWaiter(InotifyWaiter):
@@ -113,9 +121,11 @@ class _OwnBell:
     Its descriptor stays open for reading the news a ring brings (a grant).
     """
 
-    def __init__(self, path: str, fd: int) -> None:
+    def __init__(self, path: str, fd: int, witness: Witness) -> None:
         self.path, self.fd, self.pid = path, fd, os.getpid()
         self.name = os.path.basename(path)
+        #: The thread's open watches on the deaths of others (``liveness``).
+        self.watches = Watches(os.path.dirname(path), witness)
         #: The FIFO's two ends (``wakeup_fifo``), or the event's handle in ``read_fd``.
         self.read_fd = self.write_fd = self.event = -1
         try:
@@ -128,6 +138,7 @@ class _OwnBell:
             raise
 
     def _drop(self) -> None:
+        self.watches.close()
         for fd in (self.read_fd, self.write_fd):
             if fd >= 0:
                 os.close(fd)
@@ -175,6 +186,7 @@ class Bells:
     def __init__(self, directory: str, witness_path: str) -> None:
         self.directory = directory
         self.witness_path = witness_path
+        self.witness = witness_for(witness_path, directory)
         self._swept_by = -1
 
     def _path(self, bell: str) -> str:
@@ -206,7 +218,7 @@ class Bells:
             log.debug("no bell for a waiter (%s); it will poll", exc)
             return None
         try:
-            bells[self.directory] = _OwnBell(self._path(name), fd)
+            bells[self.directory] = _OwnBell(self._path(name), fd, self.witness)
         except OSError as exc:
             log.debug("no %s for a waiter's bell (%s); it will poll", WAKEUP, exc)
             return None
@@ -247,6 +259,8 @@ class Bells:
         """Remove the bells of processes that no longer exist (cheap garbage collection;
         a reused PID only keeps an empty file a little longer)."""
         self._swept_by = os.getpid()
+        if WAKEUP == "fifo":
+            sweep_liveness(self.directory, self.witness)
         try:
             names = os.listdir(self.directory)
         except OSError:
@@ -273,9 +287,9 @@ class Bells:
             if own is None or own.name != bell or own.pid != os.getpid():
                 return BackoffWaiter(POLL_CAP)
             if sys.platform == "win32" and own.event >= 0:
-                return EventWaiter(own.event)
+                return EventWaiter(own.event, own.watches)
             if own.read_fd >= 0:
-                return FifoWaiter(own.read_fd)
+                return FifoWaiter(own.read_fd, own.watches)
             return BackoffWaiter(POLL_CAP)
         lib = libc()
         if bell is None or lib is None:
@@ -299,19 +313,20 @@ class Bells:
         bell: Optional[str],
         deadline: Optional[float],
         clock: Callable[[], float],
-        step: Callable[[], Tuple[Optional[Lease], Optional[float], Optional[str]]],
+        step: Callable[[], Tuple[Optional[Lease], Optional[float], Optional[str], Watch]],
         granted: Optional[Callable[[bytes], Optional[Lease]]] = None,
     ) -> Optional[Lease]:
         """A queued waiter's loop: ``step()`` tries to take the lock and returns
         ``(lease or None, when the current lease expires or None, a bell to ring or
-        None)``; between steps the waiter sleeps until its bell rings, the lease
-        expires, the safety net or the monotonic ``deadline`` (``None``: never).
+        None, whose death to watch: ``liveness.Watch``)``; between steps the waiter
+        sleeps until its bell rings, a death it watches, the lease expires, the safety
+        net or the monotonic ``deadline`` (``None``: never).
 
         A release may grant the lock to the waiter it wakes and say so in the ring:
         ``granted(news)`` turns that news into the waiter's lease, sparing it a step.
         """
         with self.waiter(bell) as waiter:
-            lease, expires, wake = step()
+            lease, expires, wake, watch = step()
             while True:
                 self.ring(wake)
                 if lease is not None:
@@ -319,14 +334,22 @@ class Bells:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
-                bound = SAFETY_NET if WAKEUP == "inotify" else DEATH_NET
+                bound = SAFETY_NET
+                if WAKEUP != "inotify":
+                    # The push is a hint; after any wake the step looks at the truth.
+                    watched = _watch(waiter, watch)
+                    if watched == DEAD:  # someone it would watch is dead already
+                        lease, expires, wake, watch = step()
+                        continue
+                    if watched != WATCHED:
+                        bound = SETTLE if watched == SETTLING else DEATH_NET
                 if expires is not None:
                     bound = min(bound, max(0.0, expires - clock()) + 0.001)
                 waiter.wait(bound if remaining is None else min(bound, remaining))
                 lease = None if granted is None or bell is None else granted(self.news())
                 if lease is not None:
                     return lease
-                lease, expires, wake = step()
+                lease, expires, wake, watch = step()
 
     def ring(self, bell: Optional[str], news: bytes = b"\1") -> None:
         """Wake the waiter of ``bell``, telling it ``news``; a bell that is gone has
@@ -358,3 +381,12 @@ class Bells:
                 os.unlink(path)
             except OSError:
                 pass
+
+
+def _watch(waiter: Waiter, watch: Watch) -> str:
+    """Have ``waiter`` watch the deaths ``watch`` names: see ``Watches.choose``."""
+    if isinstance(waiter, FifoWaiter):
+        return waiter.watch(watch)
+    if sys.platform == "win32" and WAKEUP == "event" and isinstance(waiter, EventWaiter):
+        return waiter.watch(watch)
+    return UNWATCHED

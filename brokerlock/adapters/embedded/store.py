@@ -70,7 +70,7 @@ class EmbeddedStore(Adapter):
         self._clock: Callable[[], float] = (
             self._pinned_clock if self._pinned else clock if clock is not None else time.time
         )
-        self._witness: Witness = witness_for(witness_path)
+        self._witness: Witness = witness_for(witness_path, bells_dir)
         self._bells_dir = bells_dir
         self._bells_made: Optional[Bells] = None
 

@@ -16,14 +16,15 @@ with nobody reading (the waiter is gone) that fails with ENXIO, and a full pipe
 from __future__ import annotations
 
 import os
+import select
 import stat
 import sys
 import time
-from typing import Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from ..base import Waiter
 from .files import O_CLOEXEC, O_NOFOLLOW, KeptFiles
-from .wakeup import _poller
+from .liveness import UNWATCHED, Watch, Watches
 
 _O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)  # (never used on Windows, which lacks it)
 #: Beside each bell file (which carries the news of a ring) lies its FIFO.
@@ -73,17 +74,41 @@ def ring_fifo(path: str) -> None:
 
 
 class FifoWaiter(Waiter):
-    """Sleeps in ``poll()`` on the read end of its thread's FIFO."""
+    """Sleeps in ``poll()`` on the read end of its thread's FIFO, and on the liveness
+    FIFOs of the peers whose death concerns it (``liveness``, via ``watch``)."""
 
-    def __init__(self, read_fd: int) -> None:
+    def __init__(self, read_fd: int, watches: Optional[Watches] = None) -> None:
         self._fd = read_fd
-        self._poll = _poller(read_fd)
+        self._watches = watches
+        self._extra: Tuple[int, ...] = ()
+        self._poll = _MultiPoll(read_fd)
         self._drain()  # rings meant for an earlier wait of this thread
+
+    def watch(self, watch: Watch) -> str:
+        """Watch the deaths ``watch`` names too (see ``Watches.choose``)."""
+        if self._watches is None:
+            return UNWATCHED
+        state = self._watches.choose(watch)
+        extra = tuple(self._watches.chosen)
+        if extra != self._extra:
+            self._poll.set(extra)
+            self._extra = extra
+        return state
 
     def wait(self, timeout: Optional[float]) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         ms = None if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000) + 1
-        if self._poll(ms):
+        ready = self._poll.wait(ms)
+        if not ready:
+            return
+        fired = [fd for fd in ready if fd != self._fd]
+        if fired and self._watches is not None:
+            # A hang-up: a watched peer died. Its watch is spent (it would report the
+            # hang-up for ever); the look that follows finds whom to watch next.
+            self._watches.fired(fired)
+            self._extra = tuple(fd for fd in self._extra if fd not in fired)
+            self._poll.set(self._extra)
+        if self._fd in ready:
             self._drain()
 
     def _drain(self) -> None:
@@ -96,3 +121,35 @@ class FifoWaiter(Waiter):
 
     def close(self) -> None:
         pass  # the descriptors are the thread's bell's, kept for its next wait
+
+
+class _MultiPoll:
+    """``poll()`` on a FIFO's read end and a changing set of others (``select()``
+    where there is no ``poll()``)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._others: Tuple[int, ...] = ()
+        # poll(), not select(): select() cannot watch a descriptor above FD_SETSIZE (1024).
+        self._poll: Any = None
+        if sys.platform != "win32" and hasattr(select, "poll"):
+            self._poll = select.poll()
+            self._poll.register(fd, select.POLLIN)
+
+    def set(self, others: Tuple[int, ...]) -> None:
+        if sys.platform != "win32" and self._poll is not None:
+            for fd in self._others:
+                if fd not in others:
+                    self._poll.unregister(fd)
+            for fd in others:
+                self._poll.register(fd, select.POLLIN)  # (again: a no-op change)
+        self._others = others
+
+    def wait(self, ms: Optional[int]) -> List[int]:
+        """The descriptors that became ready (readable, hung up, or invalid)."""
+        if self._poll is not None:
+            return [fd for fd, _ in self._poll.poll(ms)]
+        ready, _, broken = select.select(
+            [self._fd, *self._others], [], [*self._others], None if ms is None else ms / 1000
+        )
+        return [*ready, *broken]

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from ..base import Waiter
+from .liveness import UNWATCHED, Watch, Watches
 
 if sys.platform == "win32":
     import ctypes
@@ -39,11 +40,18 @@ if sys.platform == "win32":
     _OpenProcess = _kernel32.OpenProcess
     _OpenProcess.argtypes = [wintypes.DWORD, wintypes.BOOL, wintypes.DWORD]
     _OpenProcess.restype = wintypes.HANDLE
+    _WaitForMultipleObjects = _kernel32.WaitForMultipleObjects
+    _WaitForMultipleObjects.argtypes = [
+        wintypes.DWORD, ctypes.POINTER(wintypes.HANDLE), wintypes.BOOL, wintypes.DWORD
+    ]
+    _WaitForMultipleObjects.restype = wintypes.DWORD
 
     _EVENT_MODIFY_STATE = 0x0002
     _SYNCHRONIZE = 0x00100000
     _INFINITE = 0xFFFFFFFF
     _WAIT_TIMEOUT = 0x102
+    _WAIT_FAILED = 0xFFFFFFFF
+    _WAIT_ABANDONED = 0x80
     _ERROR_ACCESS_DENIED = 5
 
     def event_name(bell: str) -> str:
@@ -99,15 +107,53 @@ if sys.platform == "win32":
         finally:
             _CloseHandle(handle)
 
-    class EventWaiter(Waiter):
-        """Sleeps in ``WaitForSingleObject`` on its thread's bell event."""
+    def open_process(pid: int) -> int:
+        """A handle that is signalled when process ``pid`` ends; -1 if none can be had
+        (gone already, or another user's). A pid reused by another process only costs
+        a missed push (or a spurious one): the waiter's looks go by the witness."""
+        handle = _OpenProcess(_SYNCHRONIZE, False, pid)
+        return int(handle) if handle else -1
 
-        def __init__(self, handle: int) -> None:
+    class EventWaiter(Waiter):
+        """Sleeps in ``WaitForMultipleObjects`` on its thread's bell event and on the
+        processes whose death concerns it (``liveness``, via ``watch``)."""
+
+        def __init__(self, handle: int, watches: Optional[Watches] = None) -> None:
             self._handle = handle
+            self._watches = watches
+            self._handles = (wintypes.HANDLE * 1)(handle)
+            self._extra: List[int] = []
+
+        def watch(self, watch: Watch) -> str:
+            """Watch the deaths ``watch`` names too (see ``Watches.choose``)."""
+            if self._watches is None:
+                return UNWATCHED
+            state = self._watches.choose(watch)
+            extra = list(self._watches.chosen)
+            if extra != self._extra:
+                self._extra = extra
+                self._handles = (wintypes.HANDLE * (1 + len(extra)))(self._handle, *extra)
+            return state
 
         def wait(self, timeout: Optional[float]) -> None:
             ms = _INFINITE if timeout is None else min(int(max(0.0, timeout) * 1000) + 1, _INFINITE - 1)
-            _WaitForSingleObject(self._handle, ms)
+            if not self._extra:
+                _WaitForSingleObject(self._handle, ms)
+                return
+            got = _WaitForMultipleObjects(len(self._handles), self._handles, False, ms)
+            if got in (0, _WAIT_TIMEOUT):
+                return
+            index = got - _WAIT_ABANDONED if got >= _WAIT_ABANDONED else got
+            # A process ended (or the wait failed: then drop every watch rather than fail
+            # at once again and again). Its watch is spent; the look that follows finds
+            # whom to watch next.
+            fired = self._extra if got == _WAIT_FAILED or index > len(self._extra) else [
+                self._extra[index - 1]
+            ]
+            if self._watches is not None:
+                self._watches.fired(fired)
+            self._extra = []  # (chosen anew at the next look)
+            self._handles = (wintypes.HANDLE * 1)(self._handle)
 
         def close(self) -> None:
             pass  # the handle is the thread's bell's, kept for its next wait

@@ -23,7 +23,7 @@ import sys
 import threading
 from typing import Dict, Optional
 
-from ..._platform import HAVE_WITNESS
+from ..._platform import HAVE_WITNESS, WAKEUP
 from .files import open_private
 
 _RANDOM = random.SystemRandom()
@@ -57,8 +57,11 @@ else:
 
 
 class Witness:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, liveness_dir: Optional[str] = None) -> None:
         self.path = path
+        #: Where this process announces its life to waiters that no inotify tells of
+        #: deaths (``embedded.liveness``): the store's bells directory.
+        self.liveness_dir = liveness_dir
         self._mutex = threading.Lock()
         self._pid = -1
         self._fd = -1
@@ -98,6 +101,10 @@ class Witness:
             info = os.fstat(fd)
             self._fd, self._pid = fd, os.getpid()
             self._ident = f"{info.st_dev}:{info.st_ino}:{offset}"
+            if WAKEUP == "fifo" and self.liveness_dir is not None:
+                from .liveness import announce
+
+                announce(self.liveness_dir, offset, self)
             return
         os.close(fd)
         raise OSError(errno.EAGAIN, "no free witness offset", self.path)
@@ -127,13 +134,16 @@ _registry: Dict[str, Witness] = {}
 _registry_mutex = threading.Lock()
 
 
-def witness_for(path: str) -> Witness:
-    """The one :class:`Witness` of this process for the file at ``path``."""
+def witness_for(path: str, liveness_dir: Optional[str] = None) -> Witness:
+    """The one :class:`Witness` of this process for the file at ``path``; its
+    ``liveness_dir``, if given, is the store's bells directory."""
     key = os.path.realpath(path)
     with _registry_mutex:
         witness = _registry.get(key)
         if witness is None:
-            witness = _registry[key] = Witness(path)
+            witness = _registry[key] = Witness(path, liveness_dir)
+        elif witness.liveness_dir is None:
+            witness.liveness_dir = liveness_dir
         return witness
 
 

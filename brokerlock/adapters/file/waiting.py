@@ -10,16 +10,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
+from ..._platform import WAKEUP
 from ..base import Lease, Request
 from ..embedded.store import Renewal, entry_life
 from .record import Record
 
 if TYPE_CHECKING:
+    from ..embedded.liveness import Watch
     from .adapter import FileAdapter
 
 #: What a step tells ``Bells.wait_turn``: the lease if taken, when the current lease
-#: expires, and a bell to ring.
-Step = Tuple[Optional[Lease], Optional[float], Optional[str]]
+#: expires, a bell to ring, and whose death to watch (``embedded.liveness``).
+Step = Tuple[Optional[Lease], Optional[float], Optional[str], "Watch"]
+#: Whether a waiter needs to know whom to watch: only where no inotify tells it of
+#: every death in the store.
+_WATCHES = WAKEUP in ("fifo", "event")
 
 
 class QueuePlace:
@@ -35,14 +40,17 @@ class QueuePlace:
         self.renewal = Renewal(entry_life(witness, life))
         #: The bell of a new head to ring after this step (dead waiters were dropped).
         self.wake: Optional[str] = None
+        #: Whose death the waiter must hear of, as the step found them.
+        self.watch: Watch = None
 
     def step(self) -> Step:
         """One read-modify-write of the record under its flock."""
         self.wake = None
+        self.watch = None
         outcome = self.store._update(self.request.name, "acquire", self._join_or_take)
         if isinstance(outcome, Lease):
-            return outcome, None, self.wake
-        return None, outcome, self.wake
+            return outcome, None, self.wake, None
+        return None, outcome, self.wake, self.watch
 
     def _join_or_take(self, record: Optional[Record]) -> Tuple[Any, Optional[Record]]:
         store, request = self.store, self.request
@@ -69,6 +77,13 @@ class QueuePlace:
                 queue[place] = entry  # a refresh keeps the place in line
             self.renewal.done(now)  # (written when the record is: a failed write raises)
             changed = True
+        if _WATCHES:
+            # The holder, and the waiters ahead of us nearest first: the one that takes
+            # over from the holder is among them (``liveness``). Their pids are those of
+            # their processes (``Request.pid``): Windows watches a process by its pid.
+            held = None if free or record is None else (record.get("witness"), record.get("pid"))
+            ahead = queue[: place if place is not None else len(queue) - 1]
+            self.watch = held, [(e[1], e[6]) for e in reversed(ahead)]
         if not changed:
             return expiry(record), None
         base = record if record is not None else {"name": request.name, "fence": 0, "token": None}
