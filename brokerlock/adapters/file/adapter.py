@@ -17,6 +17,7 @@ PostgreSQL for locks shared between hosts.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -28,12 +29,14 @@ from ..base import Lease, Request
 from ..embedded.clock import BOOT_ID, new_pin, parse_pin, pin_text
 from ..embedded.files import (
     NO_FLOCK,
+    O_BINARY,
     O_CLOEXEC,
     O_NOFOLLOW,
     KeptFiles,
     ensure_private_dir,
     lock_briefly,
     lock_file,
+    lock_within,
     open_private,
     read_at,
     unlock_file,
@@ -145,6 +148,7 @@ class FileAdapter(EmbeddedStore):
         """Run ``change(record) -> (result, new record or None)`` under the file's flock."""
         path = self._path(name)
         fd = _RECORDS.get(path)
+        kept_free = False
         try:
             while True:
                 lock_briefly(fd, path)
@@ -156,54 +160,44 @@ class FileAdapter(EmbeddedStore):
                 _RECORDS.drop(path)
                 fd = -1  # closed: its number may be another thread's before ours is back
                 fd = _RECORDS.get(path)
-            record, size = self._read(fd, path, name, size)
+            record, size = _read_record(fd, path, name, size)
             if record is None or record.get("damaged"):
                 # No record (a new name, or one whose record went when it was last
                 # freed) or a damaged one: a free record whose fence is the store's
                 # floor, so that the next lease's fence is above every removed one.
                 record = {"name": name, "token": None, **(record or {}), "fence": self._high_water.read()}
             result, new = change(record)
-            if (new is None and size == 0) or (
-                new is not None and not new.get("token") and not new.get("queue")
-            ):
-                # Free, and nobody waits (or an empty file nobody wrote): the record
-                # goes, its fence kept in the floor first. Unlinked under its flock:
-                # anyone who opened it meanwhile finds it unlinked once they have the
-                # flock, and opens the path anew (above).
-                if new is not None:
-                    self._high_water.raise_to(new["fence"])
+            if new is None and size == 0:
+                # An empty file nobody wrote (a look at a name without a record): it
+                # goes at once, under its flock; anyone who opened it meanwhile finds
+                # it unlinked once they have the flock, and opens the path anew (above).
                 if _remove(path):
                     unlock_file(fd)
                     _RECORDS.drop(path)
                     return result
             if new is not None:
+                # Free with nobody waiting: the record is kept (written free, its fence
+                # in it) and removed later, when this adapter forgets the name (see
+                # embedded.deferred); the next cycle of the name rewrites it in place.
+                kept_free = not new.get("token") and not new.get("queue")
                 data = encode(new)
                 # Pad over a longer old record instead of truncating: one write, not two;
                 # readers decode the first JSON value and ignore the blanks after it.
                 write_at(fd, data.ljust(size), 0)
             unlock_file(fd)
-            return result
         except OSError as exc:
             _forget(fd, path)
             raise BrokerLockError(f"{self.url}: could not {action} {name!r}: {exc}") from None
         except BaseException:
             _forget(fd, path)
             raise
+        if kept_free:
+            self._kept_free(name)  # (after the flock: a removal takes another record's)
+        return result
 
-    def _read(
-        self, fd: int, path: str, name: Optional[str], size: int = _READ_SIZE
-    ) -> Tuple[Optional[Record], int]:
-        """The record in ``fd`` and the file's length; ``size``, the length it is
-        expected to have, sizes the read (a read buffer is allocated whole first)."""
-        want = size + 64
-        raw = read_at(fd, want, 0)
-        while len(raw) == want:  # longer than expected
-            more = read_at(fd, _READ_SIZE, len(raw))
-            if not more:
-                break
-            raw += more
-            want = len(raw)
-        return decode(raw, path, name), len(raw)
+    def _reclaimer(self) -> Callable[[List[str]], None]:
+        # (Called before __init__ sets _high_water: the floor's path is spelled out.)
+        return functools.partial(_reclaim_records, self.directory, os.path.join(self.directory, "fence"))
 
     def _holds(self, record: Optional[Record], now: float) -> bool:
         """Whether ``record`` is a live lease: unexpired, its holder alive."""
@@ -420,7 +414,7 @@ class FileAdapter(EmbeddedStore):
                 continue  # removed or replaced under us: not a lock of ours
             try:
                 lock_file(fd, shared=True)
-                record, _size = self._read(fd, path, None)
+                record, _size = _read_record(fd, path, None)
             finally:
                 os.close(fd)
             if record is not None and not record.get("damaged") and self._holds(record, now):
@@ -453,3 +447,83 @@ def _forget(fd: int, path: str) -> None:
             pass
     _RECORDS.drop(path)
 
+
+
+def _read_record(
+    fd: int, path: str, name: Optional[str], size: int = _READ_SIZE
+) -> Tuple[Optional[Record], int]:
+    """The record in ``fd`` and the file's length; ``size``, the length it is expected
+    to have, sizes the read (a read buffer is allocated whole first)."""
+    want = size + 64
+    raw = read_at(fd, want, 0)
+    while len(raw) == want:  # longer than expected
+        more = read_at(fd, _READ_SIZE, len(raw))
+        if not more:
+            break
+        raw += more
+        want = len(raw)
+    return decode(raw, path, name), len(raw)
+
+
+class _Opened:
+    """The fence file opened once for one batch of removals, then closed (a
+    ``KeptFiles`` for ``HighWater``): a removal may run inside the garbage collector,
+    in a thread whose kept descriptor of that file is in use up the stack."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+
+    def get(self, path: str) -> int:
+        if self.fd < 0:
+            self.fd = open_private(path, os.O_RDWR)
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+#: How long a removal waits for a record's flock, which others hold for microseconds.
+#: Bounded, not ``lock_briefly``'s patience: a removal may run inside the garbage
+#: collector in a thread that holds that very flock (it then gives up, the record
+#: stays), and one busy record must not stall a release or the interpreter's exit.
+_RECLAIM_PATIENCE = 0.05
+
+
+def _reclaim_records(directory: str, fence_path: str, names: List[str]) -> None:
+    """Remove the records of ``names`` that are free with nobody waiting, as a release
+    did before it kept them (see embedded.deferred): under the record's flock, its
+    fence raised into the floor first, then unlinked. Whoever opened the file before
+    the unlink finds it unlinked once it has the flock, and opens the path anew;
+    whoever holds or waits for the name meanwhile keeps the record.
+
+    Descriptors are opened here and closed after, never this thread's kept ones: one
+    of those may be in use up the stack (see ``_Opened``); a kept one of a removed
+    record is found unlinked by its next use (``_update``)."""
+    floor = _Opened()
+    high_water = HighWater(fence_path, floor)
+    try:
+        for name in names:
+            path = os.path.join(directory, file_name(name))
+            try:
+                fd = os.open(path, os.O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_BINARY)
+            except OSError:
+                continue  # removed already (by another process that freed it)
+            try:
+                if not lock_within(fd, _RECLAIM_PATIENCE):
+                    continue  # in use: its user keeps it, or frees it into its own set
+                links, size = _links_and_size(fd)
+                if not links:
+                    continue
+                record, _size = _read_record(fd, path, name, size)
+                if record is None or record.get("damaged") or record.get("token") or record.get("queue"):
+                    continue  # taken, waited for, or not ours to judge: it stays
+                high_water.raise_to(record["fence"])
+                _remove(path)
+            except (OSError, BrokerLockError):
+                continue  # (it stays, free: as after a crash)
+            finally:
+                os.close(fd)  # (the flock goes with it)
+    finally:
+        floor.close()

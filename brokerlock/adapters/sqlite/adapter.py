@@ -15,11 +15,14 @@ systems: use Redis or PostgreSQL for locks shared between hosts.
 
 from __future__ import annotations
 
+import functools
 import os
+import pathlib
 import sqlite3
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ..._log import log
 from ...errors import BrokerLockError
 from ..base import Lease, Request, clock_fence
 from ..embedded.files import ensure_private_dir
@@ -64,6 +67,25 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
         _prepare_database_file(self.path)
         super().__init__(self.path + "-witness", self.path + "-bells", clock)
         self._run("open the database", lambda conn: None)
+
+    def _reclaimer(self) -> Callable[[List[str]], None]:
+        return functools.partial(_reclaim_rows, self.path)
+
+    def _reclaim(self, names: List[str]) -> None:
+        # With a connection of the pool: a release of a one-off name pushes a name out
+        # of the set each time. (The write lock is waited for as by any statement: a
+        # name given up on would keep its row.)
+        def delete(conn: sqlite3.Connection) -> None:
+            conn.executemany(sql.RECLAIM, [(name,) for name in names])
+
+        try:
+            self._run("remove free rows", delete)
+        except BrokerLockError as exc:
+            log.debug("%s: could not remove %d free rows: %s", self.url, len(names), exc)
+
+    def close(self) -> None:
+        EmbeddedStore.close(self)  # the kept rows go first, with a connection of their own
+        SQLiteConnections.close(self)
 
     def _read_pin(self) -> float:
         # (Every new connection reads it too: see sqlite.conn.)
@@ -296,11 +318,15 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
 
         released = self._release(name, {**params, "clock_fence": clock_fence()}, action)
         if released is not None:
+            if released[1] is None:  # freed, granted to nobody: the row is kept free
+                self._kept_free(name)
             return released
         row = self._run(
             f"{action} {name!r}", lambda conn: conn.execute(sql.FREE_LEASE, params).fetchone()
         )
         if row is None or row[1] is None:
+            if row is not None:
+                self._kept_free(name)
             return row  # type: ignore[no-any-return]
         head = row[1]
         # A step of its own: retrying the release itself would find the lease cleared.
@@ -382,3 +408,29 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
         lease = self.get(name)
         return lease is not None and self._free(name, lease.token, "break") is not None
 
+
+
+#: How long the removal of kept rows waits for SQLite's write lock when the adapter is
+#: closed, dropped or the interpreter exits: bounded, since it may run inside the
+#: garbage collector in a thread whose own transaction holds that lock (rare: then the
+#: rows stay); long enough for a store busy with other processes at our exit.
+_RECLAIM_PATIENCE = 2.0
+
+
+def _reclaim_rows(path: str, names: List[str]) -> None:
+    """Delete the kept rows of ``names`` that are still free and unwaited (sql.RECLAIM),
+    in one transaction on a connection of its own (see embedded.deferred): never a
+    pooled one, which may be in use up the stack, nor one that creates the file."""
+    uri = pathlib.Path(path).as_uri() + "?mode=rw"
+    conn = sqlite3.connect(uri, uri=True, timeout=_RECLAIM_PATIENCE, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(sql.RECLAIM, [(name,) for name in names])
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()

@@ -238,7 +238,7 @@ class SQLiteConnections:
                     if str(mode).lower() != "wal":
                         raise sqlite3.OperationalError(f"cannot switch to WAL (journal mode is {mode})")
                 present = conn.execute(sql.SCHEMA_CHECK, sql.SCHEMA_NAMES).fetchone()[0]
-                if present != len(sql.SCHEMA_NAMES) + 2:
+                if present != sql.SCHEMA_COMPLETE:
                     conn.execute("BEGIN IMMEDIATE")
                     try:
                         for statement in sql.SCHEMA:

@@ -1,0 +1,90 @@
+"""Deferred reclamation: the records of recently freed names are kept a while.
+
+A released name with nobody waiting needs no record (its fences are kept by the
+store's floor), but removing the record on every release and making it anew on the
+next acquire was most of an uncontended cycle: a file's ``open(O_CREAT)``, the floor's
+read and raise and an ``unlink``; an ``INSERT`` and a ``DELETE`` in SQLite. So a
+release writes the record free and keeps it; the store remembers the name in a small
+set of recently freed names (:class:`Deferred`, one per adapter, least recently freed
+first out), and removes the record later:
+
+- when the name is pushed out of the set by newer ones (one removal per release of a
+  one-off name: the store holds at most ``KEEP_FREED`` such records per adapter);
+- when the adapter is closed, dropped, or the interpreter exits (``weakref.finalize``,
+  which also runs at exit: a ``brokerlock run`` from cron leaves nothing).
+
+A removal is exactly the one a release made before: under the record's lock (a
+``flock``, SQLite's write transaction), only if the record is still free with no
+queue, its fence raised into the store's floor first. So the safety argument is the
+one it was: a record is never removed under a holder or a waiter, and a fence never
+repeats or goes back. Whoever holds the record meanwhile simply keeps it (and
+remembers it in its own set when it frees it). A record left by a process that was
+killed stays until somebody next frees its name.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, List, Optional
+
+from ..._log import log
+
+#: Freed names whose records one adapter keeps for reuse. Large enough for a program
+#: that cycles through a few dozen names; small enough that ``list`` and the store's
+#: size do not notice (64 records of a few hundred bytes, or rows).
+KEEP_FREED = 64
+
+
+class Deferred:
+    """The names whose free records an adapter kept, oldest first.
+
+    ``reclaim(names)`` removes the records of ``names`` that are still free with no
+    queue; it must not reference the adapter (it runs when the adapter is garbage,
+    from ``weakref.finalize``), must bound any wait for a lock (it may run inside
+    the garbage collector, in a thread that holds a record's lock) and must not raise
+    for a record it cannot remove: that record stays, as it would after a crash.
+
+    No mutex: an ``OrderedDict``'s single operations are atomic under the GIL, and a
+    name that two threads evict at once is reclaimed twice, harmlessly.
+    """
+
+    def __init__(self, reclaim: Callable[[List[str]], None], size: Optional[int] = None) -> None:
+        self._names: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._reclaim = reclaim
+        self.size = KEEP_FREED if size is None else size
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def freed(self, name: str) -> Optional[str]:
+        """Remember that ``name``'s record was left free; the name it pushes out, if
+        any, whose record the caller must now reclaim (outside any record's lock:
+        lock order is one record at a time)."""
+        names = self._names
+        names[name] = None
+        names.move_to_end(name)
+        if len(names) <= self.size:
+            return None
+        try:
+            return names.popitem(last=False)[0]
+        except KeyError:  # (emptied by another thread meanwhile)
+            return None
+
+    def flush(self) -> None:
+        """Reclaim every remembered name (close, garbage collection, exit)."""
+        names: List[str] = []
+        while True:
+            try:
+                names.append(self._names.popitem(last=False)[0])
+            except KeyError:
+                break
+        if names:
+            self.reclaim(names)
+
+    def reclaim(self, names: List[str]) -> None:
+        """Remove the records of ``names`` that are still free with no queue; a failure
+        leaves them (free) and is only logged: the release that kept them succeeded."""
+        try:
+            self._reclaim(names)
+        except Exception as exc:  # (at exit, nobody could catch it)
+            log.debug("could not remove %d free records: %s", len(names), exc)
