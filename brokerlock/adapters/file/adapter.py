@@ -8,8 +8,9 @@ kernel lock, decides who holds, so that a ttl can take a lock from a holder that
 overran it. The holder's liveness is proved by its witness byte (see ``embedded.witness``),
 which frees a killed holder's lock at once. Waiters sleep in inotify until a record
 is written or a process that used the store exits. A record freed while nobody waits
-is removed, its fence kept in the store's floor (see ``record.HighWater``): the
-directory holds only names in use.
+is kept free for the name's next cycle and removed later by the adapter that freed it
+(see ``embedded.deferred``), its fence kept in the store's floor (see
+``record.HighWater``): the directory holds the names in use and a few recently freed.
 
 ``flock`` is unreliable on NFS and other network file systems: use Redis or
 PostgreSQL for locks shared between hosts.

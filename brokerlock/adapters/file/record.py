@@ -141,9 +141,10 @@ class HighWater:
     """The store's fence floor: the highest fence of any record it removed, in one
     small file beside the records.
 
-    A released name's record is removed when nobody waits for it, taking its fence
-    with it; a record made anew for the name starts above this mark, so no fence of a
-    name ever repeats, even when the wall clock steps back. The mark is raised under
+    A released name's record is removed when nobody waits for it (later: see
+    ``embedded.deferred``), taking its fence with it; a record made anew for the name
+    starts above this mark, so no fence of a name ever repeats, even when the wall
+    clock steps back. The mark is raised under
     its own flock *before* the record is unlinked, under the record's flock (taken
     first, always in that order): whoever makes the record anew can only do so after
     the unlink, and then reads a mark that covers it.

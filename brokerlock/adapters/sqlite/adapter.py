@@ -1,9 +1,10 @@
 """SQLite store: one row per lock name, changed by single atomic statements.
 
 Acquire is one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <free> RETURNING fence``.
-A row freed while nobody waits is deleted in the freeing statement, and the store's
-fence floor keeps its fence (see ``sql``), so the fence of a name keeps growing across
-releases, processes and restarts while the table holds only names in use. A holder's
+A row freed while nobody waits is kept free for the name's next cycle and deleted later
+by the adapter that freed it (see ``embedded.deferred``), and the store's fence floor
+keeps its fence (see ``sql``), so the fence of a name keeps growing across releases,
+processes and restarts while the table holds the names in use and a few recently freed. A holder's
 process is proved alive by its witness byte (see ``embedded.witness``), so a killed
 holder's lock is free at once. Waiters queue in a table; a release grants the lock to
 the first live one in the same statement and rings its bell (see ``embedded.bells``).
