@@ -114,6 +114,7 @@ class FileAdapter(EmbeddedStore):
             os.path.join(self.directory, "witness"), os.path.join(self.directory, "bells"), clock
         )
         self._paths: Dict[str, str] = {}
+        self._written: Dict[str, Tuple[bytes, Record]] = {}
         self._high_water = HighWater(os.path.join(self.directory, "fence"), _MARKS)
 
     def _read_pin(self) -> float:
@@ -161,7 +162,12 @@ class FileAdapter(EmbeddedStore):
                 _RECORDS.drop(path)
                 fd = -1  # closed: its number may be another thread's before ours is back
                 fd = _RECORDS.get(path)
-            record, size = _read_record(fd, path, name, size)
+            raw = _read_raw(fd, size)
+            size = len(raw)
+            known = self._written.get(path)
+            # (A memo of decode(): the bytes this adapter last wrote here, and the record
+            # they decode to. Most often they are what is read, in a cycle of the name.)
+            record = known[1] if known is not None and known[0] == raw else decode(raw, path, name)
             if record is None or record.get("damaged"):
                 # No record (a new name, or one whose record went when it was last
                 # freed) or a damaged one: a free record whose fence is the store's
@@ -181,10 +187,13 @@ class FileAdapter(EmbeddedStore):
                 # in it) and removed later, when this adapter forgets the name (see
                 # embedded.deferred); the next cycle of the name rewrites it in place.
                 kept_free = not new.get("token") and not new.get("queue")
-                data = encode(new)
                 # Pad over a longer old record instead of truncating: one write, not two;
                 # readers decode the first JSON value and ignore the blanks after it.
-                write_at(fd, data.ljust(size), 0)
+                data = encode(new).ljust(size)
+                write_at(fd, data, 0)
+                if len(self._written) > 4096:
+                    self._written.clear()
+                self._written[path] = (data, new)  # (change() never alters a record it is given)
             unlock_file(fd)
         except OSError as exc:
             _forget(fd, path)
@@ -450,11 +459,9 @@ def _forget(fd: int, path: str) -> None:
 
 
 
-def _read_record(
-    fd: int, path: str, name: Optional[str], size: int = _READ_SIZE
-) -> Tuple[Optional[Record], int]:
-    """The record in ``fd`` and the file's length; ``size``, the length it is expected
-    to have, sizes the read (a read buffer is allocated whole first)."""
+def _read_raw(fd: int, size: int = _READ_SIZE) -> bytes:
+    """The whole of a record file; ``size``, the length it is expected to have, sizes
+    the read (a read buffer is allocated whole first)."""
     want = size + 64
     raw = read_at(fd, want, 0)
     while len(raw) == want:  # longer than expected
@@ -463,6 +470,14 @@ def _read_record(
             break
         raw += more
         want = len(raw)
+    return raw
+
+
+def _read_record(
+    fd: int, path: str, name: Optional[str], size: int = _READ_SIZE
+) -> Tuple[Optional[Record], int]:
+    """The record in ``fd`` and the file's length (see ``_read_raw``)."""
+    raw = _read_raw(fd, size)
     return decode(raw, path, name), len(raw)
 
 
