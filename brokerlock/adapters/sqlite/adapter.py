@@ -4,10 +4,11 @@ Acquire is one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <free> RETURNING fen
 A row freed while nobody waits is kept free for the name's next cycle and deleted later
 by the adapter that freed it (see ``embedded.deferred``), and the store's fence floor
 keeps its fence (see ``sql``), so the fence of a name keeps growing across releases,
-processes and restarts while the table holds the names in use and a few recently freed. A holder's
-process is proved alive by its witness byte (see ``embedded.witness``), so a killed
-holder's lock is free at once. Waiters queue in a table; a release grants the lock to
-the first live one in the same statement and rings its bell (see ``embedded.bells``).
+processes and restarts while the table holds the names in use and a few recently
+freed. A holder's process is proved alive by its witness byte (see
+``embedded.witness``), so a killed holder's lock is free at once. Waiters queue in a
+table; a release grants the lock to the first live one in the same statement and
+rings its bell (see ``embedded.bells``).
 Connections and retries: ``sqlite.conn``.
 
 Good for one host. SQLite's locking is unreliable on NFS and other network file
@@ -74,15 +75,16 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
 
     def _reclaim(self, names: List[str]) -> None:
         # With a connection of the pool: a release of a one-off name pushes a name out
-        # of the set each time. (The write lock is waited for as by any statement: a
-        # name given up on would keep its row.)
+        # of the set each time. The write lock is waited for like any statement's, but
+        # not for a wedged writer's 30 s after a release that succeeded: a name given
+        # up on keeps its row (free), as after a crash.
         def delete(conn: sqlite3.Connection) -> None:
             conn.executemany(sql.RECLAIM, [(name,) for name in names])
 
         try:
-            self._run("remove free rows", delete)
-        except BrokerLockError as exc:
-            log.debug("%s: could not remove %d free rows: %s", self.url, len(names), exc)
+            self._run("remove free rows", delete, time.monotonic() + _RECLAIM_PATIENCE)
+        except (BrokerLockError, _OutOfTime) as exc:
+            log.debug("%s: could not remove %d free rows: %r", self.url, len(names), exc)
 
     def close(self) -> None:
         EmbeddedStore.close(self)  # the kept rows go first, with a connection of their own
@@ -410,11 +412,9 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
         return lease is not None and self._free(name, lease.token, "break") is not None
 
 
-
-#: How long the removal of kept rows waits for SQLite's write lock when the adapter is
-#: closed, dropped or the interpreter exits: bounded, since it may run inside the
-#: garbage collector in a thread whose own transaction holds that lock (rare: then the
-#: rows stay); long enough for a store busy with other processes at our exit.
+#: How long the removal of kept rows waits for SQLite's write lock: bounded, since it
+#: may run inside the garbage collector in a thread whose own transaction holds that
+#: lock (rare: then the rows stay); long enough for a store busy with other processes.
 _RECLAIM_PATIENCE = 2.0
 
 
