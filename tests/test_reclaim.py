@@ -1,8 +1,9 @@
 """Released names leave (almost) nothing behind, on every back end.
 
-A free name with nobody waiting has no record; its fences still only grow, across the
-removal and with the wall clock stepped back; and a contended name's record is never
-removed while someone waits for it.
+A free name with nobody waiting has no record (on SQLite and files, once the adapter
+that freed it has closed or forgotten it: see tests/test_deferred_reclaim.py); its
+fences still only grow, across the removal and with the wall clock stepped back; and
+a contended name's record is never removed while someone waits for it.
 """
 
 from __future__ import annotations
