@@ -213,3 +213,48 @@ def test_exit_leaves_nothing_and_a_killed_process_leaves_its_set(kind: str, tmp_
         item.release()
     lock.close()
     assert _records(kind, path) == 0
+
+
+def test_a_file_removal_gives_up_on_a_busy_record_or_floor(tmp_path: Path) -> None:
+    """A removal may run inside the garbage collector in a thread that holds the
+    record's or the floor's flock up the stack: it must give up, not wait for itself,
+    and never unlink a record whose fence the floor does not cover."""
+    from brokerlock.adapters.embedded.files import lock_file, unlock_file
+    from brokerlock.adapters.file.adapter import file_name
+
+    path = _store_path("file", tmp_path)
+    adapter = _open("file", path)
+    for busy in (os.path.join(path, file_name("job")), os.path.join(path, "fence")):
+        _cycle(adapter, ["job"])
+        fd = os.open(busy, os.O_RDWR)
+        try:
+            lock_file(fd, shared=busy.endswith("fence"))  # (a reader of the floor)
+            started = time.monotonic()
+            adapter.close()
+            assert time.monotonic() - started < 5
+            assert _records("file", path) == 1, busy
+        finally:
+            unlock_file(fd)
+            os.close(fd)
+    _cycle(adapter, ["job"])
+    adapter.close()
+    assert _records("file", path) == 0
+
+
+def test_a_sqlite_removal_gives_up_on_a_busy_store(tmp_path: Path) -> None:
+    path = _store_path("sqlite", tmp_path)
+    adapter = _open("sqlite", path)
+    _cycle(adapter, ["job"])
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # (as a transaction of ours up the stack would)
+        started = time.monotonic()
+        adapter.close()
+        assert time.monotonic() - started < 10
+        assert writer.execute("SELECT count(*) FROM brokerlock_locks").fetchone()[0] == 1
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    _cycle(adapter, ["job"])
+    adapter.close()
+    assert _records("sqlite", path) == 0

@@ -535,8 +535,8 @@ def _reclaim_records(directory: str, fence_path: str, names: List[str]) -> None:
                 record, _size = _read_record(fd, path, name, size)
                 if record is None or record.get("damaged") or record.get("token") or record.get("queue"):
                     continue  # taken, waited for, or not ours to judge: it stays
-                high_water.raise_to(record["fence"])
-                _remove(path)
+                if high_water.raise_to(record["fence"], _RECLAIM_PATIENCE):
+                    _remove(path)  # (only once the floor covers its fence)
             except (OSError, BrokerLockError):
                 continue  # (it stays, free: as after a crash)
             finally:
