@@ -89,8 +89,8 @@ class EmbeddedStore(Adapter):
         """``name``'s record was left free with no queue: remember it, and remove the
         record of the name that pushes out of the set (see ``embedded.deferred``)."""
         evicted = self._deferred.freed(name)
-        if evicted is not None:
-            self._reclaim([evicted])
+        if evicted:
+            self._reclaim(evicted)
 
     def _reclaim(self, names: List[str]) -> None:
         """Remove the free, unwaited records of ``names`` now (a store may do it with

@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ..._log import log
 from ..._platform import HAVE_FILE_LOCKS
 from ...errors import BrokerLockError
 from ..base import Lease, Request
@@ -208,6 +209,14 @@ class FileAdapter(EmbeddedStore):
     def _reclaimer(self) -> Callable[[List[str]], None]:
         # (Called before __init__ sets _high_water: the floor's path is spelled out.)
         return functools.partial(_reclaim_records, self.directory, os.path.join(self.directory, "fence"))
+
+    def _reclaim(self, names: List[str]) -> None:
+        # Names pushed out by a release: not inside the garbage collector, and no flock
+        # of this thread held (see _update), so the thread's kept floor descriptor serves.
+        try:
+            _reclaim_records(self.directory, self._high_water.path, names, self._high_water)
+        except Exception as exc:  # (the release succeeded: the records stay, free)
+            log.debug("%s: could not remove %d free records: %r", self.url, len(names), exc)
 
     def _holds(self, record: Optional[Record], now: float) -> bool:
         """Whether ``record`` is a live lease: unexpired, its holder alive."""
@@ -507,18 +516,23 @@ class _Opened:
 _RECLAIM_PATIENCE = 0.05
 
 
-def _reclaim_records(directory: str, fence_path: str, names: List[str]) -> None:
+def _reclaim_records(
+    directory: str, fence_path: str, names: List[str], high_water: Optional[HighWater] = None
+) -> None:
     """Remove the records of ``names`` that are free with nobody waiting, as a release
     did before it kept them (see embedded.deferred): under the record's flock, its
     fence raised into the floor first, then unlinked. Whoever opened the file before
     the unlink finds it unlinked once it has the flock, and opens the path anew;
     whoever holds or waits for the name meanwhile keeps the record.
 
-    Descriptors are opened here and closed after, never this thread's kept ones: one
-    of those may be in use up the stack (see ``_Opened``); a kept one of a removed
-    record is found unlinked by its next use (``_update``)."""
+    Record descriptors are opened here and closed after, never this thread's kept
+    ones: one of those may be in use up the stack (see ``_Opened``); a kept one of a
+    removed record is found unlinked by its next use (``_update``). So is the floor's,
+    unless the caller passes the adapter's ``high_water`` (only where no flock of the
+    thread can be held: a release's eviction, not the garbage collector)."""
     floor = _Opened()
-    high_water = HighWater(fence_path, floor)
+    if high_water is None:
+        high_water = HighWater(fence_path, floor)
     try:
         for name in names:
             path = os.path.join(directory, file_name(name))
