@@ -69,7 +69,10 @@ class Renewer:
         with self._cond:
             while True:
                 # Ended holds are dropped lazily here instead of searched for on release.
-                while self._queue and self._queue[0][2].finished:
+                # (No loop with a condition inside the ``with``: see sqlite.pool.take.)
+                while True:
+                    if not (self._queue and self._queue[0][2].finished):
+                        break
                     heapq.heappop(self._queue)
                 if not self._queue:
                     self._cond.wait()

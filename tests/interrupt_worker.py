@@ -108,7 +108,11 @@ def loop(item: BrokerLockItem, folder: str, out: Dict[str, Any]) -> None:
     while True:
         # Nested: an interrupt can land in the handler of the one before it.
         try:
-            while not os.path.exists(stop):
+            # ``while True``: CPython 3.13 would raise an interrupt at the jump back of
+            # ``while not os.path.exists(stop)`` past these handlers (cpython#130279).
+            while True:
+                if os.path.exists(stop):
+                    break
                 if recheck[0]:  # the last check was cut short: finish it first
                     recheck[0] = False
                     check()

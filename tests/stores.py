@@ -35,6 +35,13 @@ needs_flock = pytest.mark.skipif(
 )
 #: For tests of what fork() does to kept descriptors and locks: Windows has no fork().
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
+#: Python 3.12+ warns of any fork() in a process with threads, and pytest's process has
+#: the library's by then (a renewer, a watcher). For a test whose child exec()s or exits
+#: at once, or whose point is a child of a process with those threads. (Forks from
+#: single-threaded interpreters, under -W error: tests/test_processes.py.)
+forks_with_threads = pytest.mark.filterwarnings(
+    "ignore:This process .* is multi-threaded, use of fork:DeprecationWarning"
+)
 
 
 def need(what: str, how: str) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Dict, Iterator, List, Optional, Tuple
 
 import pytest
+from stores import forks_with_threads
 
 import brokerlock
 
@@ -237,6 +238,7 @@ def on_a_terminal(env: Env, argv: List[str], typed: bytes = b"") -> Tuple[int, s
     return os.waitstatus_to_exitcode(status), output.decode(errors="replace")
 
 
+@forks_with_threads  # (pty.fork(): the child exec()s at once)
 def test_ctrl_c_on_a_terminal_stops_the_command_and_is_not_sent_twice(env: Env) -> None:
     # The job is a session of its own, so the terminal's Ctrl-C reaches only brokerlock,
     # which forwards it once: a second copy is how many programs are told to skip their

@@ -18,7 +18,7 @@ from typing import Any, List
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from stores import needs_flock, needs_fork
+from stores import forks_with_threads, needs_flock, needs_fork
 
 from brokerlock import BrokerLock, FileAdapter, LockLost
 from brokerlock.adapters.base import Request
@@ -108,6 +108,7 @@ def test_a_record_replaced_under_a_kept_descriptor_is_not_trusted(tmp_path: Path
 
 
 @needs_fork
+@forks_with_threads
 def test_a_forked_child_never_uses_its_parents_kept_descriptor(tmp_path: Path) -> None:
     """A descriptor inherited through fork shares its flock with the parent: the child
     must open its own, which the parent's flock then keeps out."""
@@ -197,6 +198,7 @@ def test_entries_equal_in_python_but_not_in_json_are_written_apart() -> None:
 
 
 @needs_fork
+@forks_with_threads
 def test_a_failed_update_leaves_no_flock_to_a_child_forked_meanwhile(
     tmp_path: Path, monkeypatch: Any
 ) -> None:

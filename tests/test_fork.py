@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Iterator, List, Tuple
 
 import pytest
-from stores import needs_flock, needs_witness
+from stores import forks_with_threads, needs_flock, needs_witness
 
 from brokerlock import BrokerLock
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX only"),
+    forks_with_threads,  # the point: children of a holder with the library's threads
+]
 
 
 @pytest.fixture(params=["sqlite", pytest.param("file", marks=needs_flock)])

@@ -69,3 +69,25 @@ print(any(type(h) is logging.NullHandler for h in logging.getLogger("brokerlock"
     out, err = run(code)
     assert out.split() == ["lost", "True"]
     assert err == ""
+
+
+def test_the_command_shows_warnings_without_loading_logging(tmp_path: Path) -> None:
+    """The ``brokerlock`` command shows the library's warnings on stderr, one line
+    each, through ``_log``'s sink: no ``logging`` load on every cron job's start."""
+    from brokerlock import FileAdapter
+    from brokerlock.adapters.file.adapter import file_name
+
+    store = tmp_path / "locks"
+    FileAdapter(str(store)).close()
+    (store / file_name("job")).write_bytes(b"not a record")
+    code = (
+        "import sys\n"
+        "from brokerlock.cli.main import main\n"
+        f"code = main(['status', 'job', '--url', {file_url(store)!r}])\n"
+        "print(code, 'logging' in sys.modules)\n"
+    )
+    out, err = run(code)
+    assert out.split()[-2:] == ["0", "False"], out  # free, and logging never loaded
+    assert err.splitlines() == [
+        f"brokerlock: lock file {store / file_name('job')} is damaged; treating its lock as free"
+    ], err

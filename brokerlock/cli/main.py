@@ -9,12 +9,12 @@ code a script can test, never a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from typing import TYPE_CHECKING, Any, Dict, List, NoReturn, Optional, Sequence
 
 from .. import __version__
+from .._log import show_warnings
 from ..errors import BrokerLockError
 
 if TYPE_CHECKING:
@@ -117,22 +117,7 @@ def _say(message: str) -> None:
     print("brokerlock: " + " ".join(message.split()), file=sys.stderr, flush=True)
 
 
-def _build_parser() -> _Parser:
-    raw = argparse.RawDescriptionHelpFormatter
-    parser = _Parser(
-        prog="brokerlock",
-        description="Named, time-limited locks for cron jobs and shell scripts.",
-        epilog=_MAIN_EPILOG,
-        formatter_class=raw,
-    )
-    parser.add_argument("--version", action="version", version=f"brokerlock {__version__}")
-    store = _Parser(add_help=False)
-    store.add_argument(
-        "--url", metavar="URL", help="lock store (default: $BROKERLOCK_URL, else the per-user SQLite store)"
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    commands.required = True
-
+def _add_run(commands: Any, store: _Parser, raw: Any) -> None:
     run = commands.add_parser(
         "run", parents=[store], formatter_class=raw, epilog=_RUN_EPILOG,
         usage="brokerlock run [options] NAME -- CMD [ARGS...]",
@@ -166,18 +151,24 @@ def _build_parser() -> _Parser:
     run.add_argument("--lost-exit-code", type=int, default=EX_LOST, metavar="N",
                      help="exit code when the lock was lost while CMD ran (default 125)")
 
+
+def _add_status(commands: Any, store: _Parser, raw: Any) -> None:
     status = commands.add_parser(
         "status", parents=[store], formatter_class=raw, epilog=_STATUS_EPILOG,
         help="show who holds a lock", description="Show who holds the lock NAME and until when.",
     )
     status.add_argument("name", metavar="NAME")
 
+
+def _add_list(commands: Any, store: _Parser, raw: Any) -> None:
     listing = commands.add_parser(
         "list", parents=[store], formatter_class=raw, epilog=_LIST_EPILOG,
         help="list every held lock", description="List every held lock of the store.",
     )
     listing.add_argument("--json", action="store_true", help="machine-readable output")
 
+
+def _add_release(commands: Any, store: _Parser, raw: Any) -> None:
     release = commands.add_parser(
         "release", parents=[store], formatter_class=raw, epilog=_RELEASE_EPILOG,
         help="break a stuck lock (needs --force)",
@@ -185,6 +176,50 @@ def _build_parser() -> _Parser:
     )
     release.add_argument("name", metavar="NAME")
     release.add_argument("--force", action="store_true", help="really break it")
+
+
+def _columns() -> int:
+    """The terminal's width as ``shutil.get_terminal_size`` tells it, without importing
+    ``shutil`` (and its compression modules): argparse would, for every formatter it
+    makes, ~20 per command line, though only ``--help`` ever prints with one."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.__stdout__ else 80
+    except (AttributeError, ValueError, OSError):  # not a terminal, or no such descriptor
+        return 80
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: Optional[int] = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position, width or _columns() - 2)
+
+
+def _build_parser(only: Optional[str] = None) -> _Parser:
+    """The command line's parser; with ``only``, the other commands' parsers are left
+    out (each costs a CLI start ~1 ms of gettext look-ups: see ``_parse``)."""
+    raw = _Formatter
+    parser = _Parser(
+        prog="brokerlock",
+        description="Named, time-limited locks for cron jobs and shell scripts.",
+        epilog=_MAIN_EPILOG,
+        formatter_class=raw,
+    )
+    parser.add_argument("--version", action="version", version=f"brokerlock {__version__}")
+    store = _Parser(add_help=False, formatter_class=raw)
+    store.add_argument(
+        "--url", metavar="URL", help="lock store (default: $BROKERLOCK_URL, else the per-user SQLite store)"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    adders = {"run": _add_run, "status": _add_status, "list": _add_list, "release": _add_release}
+    for name, add in adders.items():
+        if only in (None, name):
+            add(commands, store, raw)
     return parser
 
 
@@ -195,7 +230,7 @@ def _parse(argv: List[str]) -> argparse.Namespace:
     if argv[:1] == ["run"] and "--" in argv:
         cut = argv.index("--")
         argv, command = argv[:cut], argv[cut + 1 :]
-    args = _build_parser().parse_args(argv)
+    args = _build_parser(argv[0] if argv[:1] and argv[0] in _COMMANDS else None).parse_args(argv)
     if args.command == "run":
         if command is not None:
             if args.cmd:
@@ -346,26 +381,23 @@ def _cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
-class _LogLine(logging.Handler):
+def _show_warning(message: str, exc: Optional[BaseException]) -> None:
     """The library's warnings (a lease lost and why, a renewal retried, a damaged lock
     file) matter to whoever reads the job's stderr: show them, one line each, in the
-    command's own format rather than logging's bare last-resort output."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            message += f" ({record.exc_info[1]!r})"  # never a traceback
-        _say(message)
+    command's own format. Through ``_log``'s sink, not a ``logging`` handler: loading
+    ``logging`` would cost every cron job ~10 ms of start-up."""
+    if exc is not None:
+        message += f" ({exc!r})"  # never a traceback
+    _say(message)
 
 
-_LOG_LINES = _LogLine(logging.WARNING)
 _COMMANDS = {"run": _cmd_run, "status": _cmd_status, "list": _cmd_list, "release": _cmd_release}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    logging.getLogger("brokerlock").addHandler(_LOG_LINES)
+    show_warnings(_show_warning)
     try:
         args = _parse(args_list)
         code = _COMMANDS[args.command](args)

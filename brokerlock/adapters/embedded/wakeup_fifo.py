@@ -88,8 +88,9 @@ class FifoWaiter(Waiter):
 
     def _drain(self) -> None:
         try:
-            while len(os.read(self._fd, 4096)) == 4096:
-                pass
+            while True:  # (no loop with a condition inside a ``try``: see sqlite.pool.take)
+                if len(os.read(self._fd, 4096)) < 4096:
+                    break
         except BlockingIOError:
             pass
 

@@ -41,7 +41,7 @@ from ...errors import BrokerLockError
 from ..base import Adapter, Lease, Request
 from . import sql as statements
 from .listen import CHANNEL_PREFIX, Listeners
-from .pool import Pool, Prepared, flag, number, text
+from .pool import CONNECT_DEFAULTS, Pool, Prepared, flag, load_driver, number, text
 from .presence import presence_for
 from .url import DEFAULT_TABLE, display_url, split_url, table_parts
 
@@ -62,17 +62,6 @@ FIRST_LOOK = 0.05
 _ticks = time.monotonic
 #: Names remembered as contended, at most (past it, the memory starts afresh).
 MAX_CONTENDED = 1024
-#: libpq settings we add unless the DSN sets them: fail fast on a server that does not
-#: answer, and notice a dead network instead of waiting on it for ever.
-CONNECT_DEFAULTS = {
-    "connect_timeout": "5",
-    "application_name": "brokerlock",
-    "keepalives": "1",
-    "keepalives_idle": "10",
-    "keepalives_interval": "5",
-    "keepalives_count": "3",
-    "tcp_user_timeout": "15000",
-}
 #: Attempts in a row that may find the name's row deleted under them (each one waits
 #: for the release that deleted it, so the next sees the lock free or taken anew).
 STALE_LOOKS = 100
@@ -81,25 +70,6 @@ STALE_LOOKS = 100
 QUEUE_PATIENCE = 15.0
 #: The advisory lock that serialises table creation between clients starting at once.
 SCHEMA_LOCK = 0x62726F6B65726C6B  # "brokerlk"
-
-
-def _driver() -> Any:
-    try:
-        import psycopg
-    except ImportError as exc:
-        if isinstance(exc, ModuleNotFoundError) and exc.name == "psycopg":
-            raise BrokerLockError(
-                "PostgresAdapter needs the psycopg package: pip install brokerlock[postgres]"
-            ) from None
-        # psycopg is there but cannot load libpq, PostgreSQL's client library; its
-        # message (a list of attempts) is the cause, in one line.
-        why = "; ".join(line.strip("- ").strip() for line in str(exc).splitlines() if line.strip())
-        raise BrokerLockError(
-            "PostgresAdapter: psycopg cannot load libpq, the PostgreSQL client library "
-            f"({why}): install it (Debian/Ubuntu: apt-get install libpq5; Fedora: dnf "
-            "install libpq), or pip install 'psycopg[binary]', which bundles it"
-        ) from None
-    return psycopg
 
 
 class PostgresAdapter(Adapter):
@@ -114,7 +84,7 @@ class PostgresAdapter(Adapter):
     def __init__(
         self, dsn_or_connection: str | psycopg.Connection[Any], table: str = DEFAULT_TABLE
     ) -> None:
-        driver = _driver()
+        driver = load_driver()
         self._psycopg = driver
         from psycopg import sql
 

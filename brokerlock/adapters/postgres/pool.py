@@ -36,6 +36,40 @@ _POOLED_STATEMENTS = ("42P05", "26000")
 _PLACEHOLDER = re.compile(rb"%\((\w+)\)s")
 
 
+#: libpq settings we add unless the DSN sets them: fail fast on a server that does not
+#: answer, and notice a dead network instead of waiting on it for ever.
+CONNECT_DEFAULTS = {
+    "connect_timeout": "5",
+    "application_name": "brokerlock",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "15000",
+}
+
+
+def load_driver() -> Any:
+    """psycopg, imported only when a PostgreSQL store is opened (it costs a CLI ~100 ms),
+    or an error that says what to install."""
+    try:
+        import psycopg
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "psycopg":
+            raise BrokerLockError(
+                "PostgresAdapter needs the psycopg package: pip install brokerlock[postgres]"
+            ) from None
+        # psycopg is there but cannot load libpq, PostgreSQL's client library; its
+        # message (a list of attempts) is the cause, in one line.
+        why = "; ".join(line.strip("- ").strip() for line in str(exc).splitlines() if line.strip())
+        raise BrokerLockError(
+            "PostgresAdapter: psycopg cannot load libpq, the PostgreSQL client library "
+            f"({why}): install it (Debian/Ubuntu: apt-get install libpq5; Fedora: dnf "
+            "install libpq), or pip install 'psycopg[binary]', which bundles it"
+        ) from None
+    return psycopg
+
+
 class Prepared:
     """One statement in libpq's ``$n`` form, with the names of its parameters in order."""
 

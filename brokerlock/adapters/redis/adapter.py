@@ -45,11 +45,12 @@ import functools
 import json
 import math
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Tuple, TypeVar
 
 from ..._log import log
 from ...errors import BrokerLockError
 from ..base import Adapter, Lease, Request
+from . import codec
 from .call import Caller
 from .lua import ACQUIRE, EXTEND, FORCE_RELEASE, LEAVE, READ, RELEASE
 from .presence import presence_for
@@ -88,24 +89,6 @@ def _driver() -> Any:
             "RedisAdapter needs the redis package: pip install brokerlock[redis]"
         ) from None
     return redis
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def _seconds(micros: Any) -> Optional[float]:
-    text = _text(micros) if micros is not None else ""
-    return int(text) / 1e6 if text else None
-
-
-def _ttl_ms(ttl: Optional[float]) -> str:
-    # Rounded up, so a lease never ends before the ttl asked for; PX needs >= 1.
-    return "" if ttl is None else str(max(1, math.ceil(ttl * 1000 - 1e-6)))
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 class RedisAdapter(Adapter):
@@ -188,26 +171,6 @@ class RedisAdapter(Adapter):
             return self._run(action, lambda: script(keys=keys, args=args))
         return self._run(action, lambda: call.script(script, keys, args))
 
-    @staticmethod
-    def _lease(fields: Dict[str, Any]) -> Optional[Lease]:
-        if not fields.get("token"):
-            return None
-        acquired = _seconds(fields.get("acquired_us"))
-        return Lease(
-            name=_text(fields["name"]),
-            token=_text(fields["token"]),
-            fence=int(_text(fields["fence"])),
-            acquired_at=acquired if acquired is not None else 0.0,
-            expires_at=_seconds(fields.get("expires_us")),
-            host=_text(fields.get("host", "")),
-            pid=int(_text(fields.get("pid", "0")) or 0),
-            thread=_text(fields.get("thread", "")),
-        )
-
-    @staticmethod
-    def _fields(flat: Sequence[Any]) -> Dict[str, Any]:
-        return {_text(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
-
     # -- the contract -----------------------------------------------------------
     def now(self) -> float:
         seconds, micros = self._run("read the server's clock", self._client.time)
@@ -240,9 +203,9 @@ class RedisAdapter(Adapter):
                 f"acquire {name!r}", self._acquire,
                 [self._key("lock", name), self._key("fence", name), *self._queue(name),
                  self._signal(name, request.token), self._fences],
-                [request.token, _ttl_ms(request.ttl), name, request.host, str(request.pid),
+                [request.token, codec.ttl_ms(request.ttl), name, request.host, str(request.pid),
                  request.thread, GRACE_MS, presence, member, PATIENCE_MS, "1" if queued else "",
-                 json.dumps([_ttl_ms(request.ttl), request.host, str(request.pid), request.thread])
+                 json.dumps([codec.ttl_ms(request.ttl), request.host, str(request.pid), request.thread])
                  if queued else "", *self._wake_args(name)[:2]],
             )
             if isinstance(reply[0], int):
@@ -258,8 +221,8 @@ class RedisAdapter(Adapter):
                 return None, code, look_by, position, member, server_ms / 1000 - arrived
             fence, acquired, expires = reply
             lease = Lease(
-                name, request.token, int(_text(fence)), _seconds(acquired) or 0.0,
-                _seconds(expires), request.host, request.pid, request.thread,
+                name, request.token, int(codec.text(fence)), codec.seconds(acquired) or 0.0,
+                codec.seconds(expires), request.host, request.pid, request.thread,
             )
             return lease, 0, 0.0, 0, member, 0.0
         raise BrokerLockError(f"Redis at {self.server}: the presence connection keeps failing")
@@ -274,17 +237,17 @@ class RedisAdapter(Adapter):
 
     def extend(self, name: str, token: str, ttl: Optional[float]) -> Optional[Lease]:
         reply = self._script(
-            f"extend {name!r}", self._extend, [self._key("lock", name)], [token, _ttl_ms(ttl)]
+            f"extend {name!r}", self._extend, [self._key("lock", name)], [token, codec.ttl_ms(ttl)]
         )
-        return self._lease(self._fields(reply)) if reply else None
+        return codec.lease_of(codec.fields(reply)) if reply else None
 
     def get(self, name: str) -> Optional[Lease]:
         flat = self._script(f"read {name!r}", self._read, [self._key("lock", name)], [])
-        return self._lease(self._fields(flat))
+        return codec.lease_of(codec.fields(flat))
 
     def list(self) -> List[Lease]:
         def scan() -> List[Any]:
-            keys = list(self._client.scan_iter(match=_glob_escape(self.prefix) + "lock:*", count=500))
+            keys = list(self._client.scan_iter(match=codec.glob_escape(self.prefix) + "lock:*", count=500))
             pipe = self._client.pipeline(transaction=False)
             for key in keys:
                 self._read(keys=[key], client=pipe)
@@ -293,7 +256,7 @@ class RedisAdapter(Adapter):
         leases = []
         for flat in self._run("list the locks", scan):
             # A lease that expired between SCAN and the read reads as empty.
-            lease = self._lease(self._fields(flat))
+            lease = codec.lease_of(codec.fields(flat))
             if lease is not None:
                 leases.append(lease)
         return sorted(leases, key=lambda lease: lease.name)
@@ -355,22 +318,7 @@ class RedisAdapter(Adapter):
             if lease is None and reachable and members:
                 self._give_up(request, members)
 
-    @staticmethod
-    def _granted(request: Request, granted: str, server_offset: float) -> Optional[Lease]:
-        """The lease a release pushed to us (``"fence acquired expires"``), unless it
-        ran out before we read it: by the server's clock at our last script plus what
-        passed here since (at most the server's time now, whatever the clocks' skew).
-        A waiter stopped between the push and its reading must not walk in with it, the
-        lock may be another's by now: the script, next, queues it again."""
-        fence, acquired, expires = granted.split(" ")
-        until = _seconds(expires)
-        if until is not None and until <= server_offset + time.monotonic():
-            log.debug("a grant of %r ran out before we read it", request.name)
-            return None
-        return Lease(
-            request.name, request.token, int(fence), _seconds(acquired) or 0.0,
-            until, request.host, request.pid, request.thread,
-        )
+    _granted = staticmethod(codec.granted)
 
     def _block(self, name: str, signal: str, timeout: Optional[float]) -> Optional[str]:
         """Wait for a wake-up; the lease (``"fence acquired expires"``) if it handed
@@ -393,7 +341,7 @@ class RedisAdapter(Adapter):
             lambda: call.command((b"BLPOP", signal, f"{block:.3f}")) if call
             else self._client.blpop([signal], timeout=block),
         )
-        return _text(popped[1]) if popped else None
+        return codec.text(popped[1]) if popped else None
 
     def abandon(self, name: str, token: str) -> None:
         # LEAVE also deletes a lease that ``token`` holds and hands the lock on. A place

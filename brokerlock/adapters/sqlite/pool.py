@@ -58,7 +58,10 @@ class Pool:
         self.pid = os.getpid()
         self._idle: List[Slot] = []
         self._all: weakref.WeakSet[Slot] = weakref.WeakSet()
-        self._ready = threading.Condition(threading.Lock())
+        # An RLock: Condition.wait() takes it back in one C call, where a plain Lock's
+        # restore is Python code that an interrupt can cut short (see memory.py).
+        self._ready_lock = threading.RLock()
+        self._ready = threading.Condition(self._ready_lock)
         self._waiting = 0
         #: The (dev, inode) of a database file last reported deleted or replaced, so that
         #: each of the pool's connections does not report it again.
@@ -74,11 +77,21 @@ class Pool:
         with self._ready:
             self._waiting += 1
             try:
-                while not self._idle:
+                # ``while True``, not ``while not self._idle``: CPython 3.13 leaves the
+                # back edge of a loop with a condition outside the frame's handlers
+                # (cpython#130279), so a KeyboardInterrupt there would skip this
+                # ``finally`` and the ``with``, and keep the pool's lock from every thread.
+                while True:
+                    if self._idle:
+                        return self._idle.pop()
                     if not self._ready.wait(REPLENISH_AFTER):
                         self._replenish()
-                return self._idle.pop()
             finally:
+                # Condition.wait()'s own finally can still be cut short on CPython 3.9
+                # and 3.10, which look for signals at almost every instruction: take the
+                # lock back, or the ``with`` would raise instead of the interrupt.
+                if not self._ready_lock._is_owned():  # type: ignore[attr-defined]
+                    self._ready_lock.acquire()
                 self._waiting -= 1
 
     def give_back(self, slot: Slot) -> None:
