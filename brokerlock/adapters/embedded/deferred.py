@@ -77,11 +77,11 @@ class Deferred:
         if len(names) <= self.size:
             return []
         out: List[str] = []
-        try:
-            while len(out) < self.batch:
+        for _ in range(self.batch):
+            try:
                 out.append(names.popitem(last=False)[0])
-        except KeyError:  # (emptied by another thread meanwhile)
-            pass
+            except KeyError:  # (emptied by another thread meanwhile)
+                break
         return out
 
     def flush(self) -> None:
