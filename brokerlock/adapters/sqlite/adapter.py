@@ -145,7 +145,11 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
     def _take_if_free(self, request: Request, params: Dict[str, Any]) -> Optional[Lease]:
         """The common case, a free lock, in one statement without the retry machinery;
         a busy or failing store raises, for the caller's careful path to retry or report."""
-        row = self._execute(sql.ACQUIRE_NEW, params)
+        row = None
+        if request.name in self._deferred:  # (its row is most likely there, and free)
+            row = self._execute(sql.ACQUIRE_KEPT, params)
+        if row is None:
+            row = self._execute(sql.ACQUIRE_NEW, params)
         return None if row is None else self._new_lease(request, params, int(row[0]))
 
     def _try_acquire(self, request: Request, deadline: Optional[float]) -> Optional[Lease]:

@@ -123,6 +123,17 @@ ON CONFLICT(name) DO UPDATE SET
 WHERE {FREE} AND {{queue}}
 RETURNING fence
 """
+#: A newcomer's acquire of a row its adapter kept free (see embedded.deferred): a plain
+#: UPDATE of the existing row, cheaper than the upsert (no insert path, no floor
+#: subquery: an existing row's own fence + 1 keeps the name's fences growing). If it
+#: changes nothing (the row went, or is taken or queued for), the upsert decides.
+ACQUIRE_KEPT = f"""
+UPDATE brokerlock_locks SET
+    token = :token, fence = MAX(fence + 1, :clock_fence), acquired_at = :now, expires_at = :expires,
+    host = :host, pid = :pid, thread = :thread, witness = :witness
+WHERE name = :name AND {FREE} AND {NO_QUEUE}
+RETURNING fence
+"""
 TAKE_FROM_DEAD = """
 UPDATE brokerlock_locks SET
     token = :token, fence = MAX(fence + 1, :clock_fence), acquired_at = :now, expires_at = :expires,
