@@ -1,6 +1,7 @@
 """SQLite store: one row per lock name, changed by single atomic statements.
 
-Acquire is one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <free> RETURNING fence``.
+Acquire is one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <free> RETURNING fence``
+(or a plain ``UPDATE`` of a row the adapter kept free, see ``sql.ACQUIRE_KEPT``).
 A row freed while nobody waits is kept free for the name's next cycle and deleted later
 by the adapter that freed it (see ``embedded.deferred``), and the store's fence floor
 keeps its fence (see ``sql``), so the fence of a name keeps growing across releases,
