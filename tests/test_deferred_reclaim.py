@@ -82,6 +82,57 @@ def test_the_set_forgets_its_oldest_name_first() -> None:
     assert len(batched) == 2
 
 
+def test_the_set_under_threads_that_free_evict_and_flush_at_once() -> None:
+    """No operation fails for what another thread did in between (a release must never
+    raise for it), the set never grows past its size for long, and no name is lost:
+    each is still kept, or was handed back for removal."""
+    import threading
+
+    reclaimed: List[str] = []
+    kept = Deferred(reclaimed.extend, size=8, batch=3)
+    evicted: List[str] = []
+    errors: List[BaseException] = []
+    start = threading.Barrier(5)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # (switch threads as often as possible)
+
+    def free(me: int) -> None:
+        try:
+            start.wait()
+            for i in range(20000):
+                evicted.extend(kept.freed(f"{me}-{i % 40}"))  # (names come back: re-freed)
+        except BaseException as exc:
+            errors.append(exc)
+
+    done = threading.Event()
+
+    def flush() -> None:
+        try:
+            start.wait()
+            while True:  # (as often as it can, until the others are done)
+                kept.flush()
+                if done.is_set():
+                    break
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=free, args=(me,)) for me in range(4)]
+    threads.append(threading.Thread(target=flush))
+    try:
+        for t in threads:
+            t.start()
+        for t in threads[:-1]:
+            t.join(60)
+        done.set()
+        threads[-1].join(60)
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors
+    assert len(kept) <= 8 + 4  # (each freeing thread may have added one before evicting)
+    every = {f"{me}-{i}" for me in range(4) for i in range(40)}
+    assert every <= set(kept._names) | set(evicted) | set(reclaimed)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_cycled_name_keeps_its_record_and_fences_grow(kind: str, tmp_path: Path) -> None:
     path = _store_path(kind, tmp_path)

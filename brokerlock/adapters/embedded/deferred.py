@@ -48,8 +48,9 @@ class Deferred:
     the garbage collector, in a thread that holds a record's lock) and must not raise
     for a record it cannot remove: that record stays, as it would after a crash.
 
-    No mutex: an ``OrderedDict``'s single operations are atomic under the GIL, and a
-    name that two threads evict at once is reclaimed twice, harmlessly.
+    No mutex: each single operation on the ``OrderedDict`` is atomic under the GIL,
+    none of them can fail for what another thread did in between, and a name that
+    two threads evict at once is reclaimed twice, harmlessly.
     """
 
     def __init__(
@@ -72,8 +73,10 @@ class Deferred:
         caller must now reclaim, outside any record's lock (lock order: one record at
         a time)."""
         names = self._names
+        # (Not move_to_end(): another thread's flush or eviction may take the name out
+        # in between, and a release must not fail with a KeyError.)
+        names.pop(name, None)
         names[name] = None
-        names.move_to_end(name)
         if len(names) <= self.size:
             return []
         out: List[str] = []
