@@ -31,18 +31,25 @@ TIMEOUT = "15s"
 #: ``release()`` frees it), the one case the ownership contract allows, and
 #: docs/ownership.rst names. Nothing else may leave a hold behind the block.
 ENTRIES = {"__exit__", "release", "settle"}
+#: The with statement's start: ``__enter__`` gives back a hold its acquire made when an
+#: interrupt lands in it (CPython 3.9/3.10 raise one at almost any instruction), all but
+#: at its ``return``, after which the with statement owns the hold. An interrupt that
+#: leaves a hold with its innermost frame in one of these can only have landed there.
+RETURNS = {"__enter__"}
 
 
 def on_entry(tb: Optional[TracebackType]) -> bool:
     """Whether the interrupt landed on the entry of one of ``ENTRIES`` (no line of it
-    ran): the innermost frame is there, at the function's first line."""
+    ran: the innermost frame is there, at the function's first line), or at the return
+    of one of ``RETURNS``."""
     if tb is None:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
     code = tb.tb_frame.f_code
-    return code.co_name in ENTRIES and tb.tb_lineno == code.co_firstlineno and (
-        os.sep + "brokerlock" + os.sep in code.co_filename
+    ours = os.sep + "brokerlock" + os.sep in code.co_filename
+    return ours and (
+        (code.co_name in ENTRIES and tb.tb_lineno == code.co_firstlineno) or code.co_name in RETURNS
     )
 
 

@@ -139,6 +139,13 @@ def test_a_killed_runner_takes_its_job_with_it(env: Env, jobs: Jobs) -> None:
         "        except ProcessLookupError:\n"
         "            return False\n"
         "        return True\n"
+        # A process killed a moment ago closes its files (the witness among them, which
+        # frees the lock) before the kernel marks it a zombie: it runs no code of its
+        # own any more, but /proc still says it runs. Give that a moment.
+        "import time\n"
+        "until = time.monotonic() + 5\n"
+        f"while any(running(p) for p in {pids}) and time.monotonic() < until:\n"
+        "    time.sleep(0.01)\n"
         f"print('alive:', [p for p in {pids} if running(p)])\n"
     )
     deadline = time.monotonic() + 15

@@ -319,13 +319,23 @@ def test_quote_laden_names_work(lock: BrokerLock, other: BrokerLock, name: str) 
 def test_waiters_are_served_in_arrival_order(lock: BrokerLock, make_store) -> None:  # type: ignore[no-untyped-def]
     holder = lock.item("fifo", ttl="30s")
     holder.acquire()
+    # Held throughout: each waiter thread first waits on it briefly, so that what a
+    # thread's first wait sets up (a server session, a LISTEN, a bell) is done before
+    # the 20 ms between arrivals start to count (a loaded machine took longer).
+    warm_up = lock.item("fifo-warm-up", ttl="30s")
+    warm_up.acquire()
     order: List[int] = []
     threads = []
     for index in range(5):
-        item = BrokerLock(make_store()).item("fifo", ttl="30s", timeout="30s")
+        waiter = BrokerLock(make_store())
+        item = waiter.item("fifo", ttl="30s", timeout="30s")
         entering = threading.Event()
 
-        def wait(item=item, index=index, entering=entering) -> None:  # type: ignore[no-untyped-def]
+        def wait(item=item, index=index, entering=entering, waiter=waiter) -> None:  # type: ignore[no-untyped-def]
+            try:
+                waiter.item("fifo-warm-up", timeout=0.05).acquire()  # (held: times out)
+            except LockTimeout:
+                pass
             entering.set()
             with item.hold():
                 order.append(index)
@@ -338,6 +348,7 @@ def test_waiters_are_served_in_arrival_order(lock: BrokerLock, make_store) -> No
     holder.release()
     for thread in threads:
         thread.join(30)
+    warm_up.release()
     assert order == [0, 1, 2, 3, 4]
 
 
