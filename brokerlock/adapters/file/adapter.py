@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -31,24 +30,28 @@ from ..base import Lease, Request
 from ..embedded.clock import BOOT_ID, new_pin, parse_pin, pin_text
 from ..embedded.files import (
     NO_FLOCK,
-    O_BINARY,
     O_CLOEXEC,
     O_NOFOLLOW,
     KeptFiles,
     ensure_private_dir,
     lock_briefly,
     lock_file,
-    lock_within,
     open_private,
     read_at,
     unlock_file,
     write_at,
 )
 from ..embedded.store import EmbeddedStore, grant_news
+from .reclaim import SUFFIX as _SUFFIX
+from .reclaim import file_name
+from .reclaim import links_and_size as _links_and_size
+from .reclaim import read_raw as _read_raw
+from .reclaim import read_record as _read_record
+from .reclaim import reclaim_records as _reclaim_records
+from .reclaim import remove as _remove
 from .record import HighWater, Record, decode, encode, leased, stamp, stamp_text
 from .waiting import QueuePlace
 
-_SUFFIX = ".lock"
 #: How long a waiter's place without a witness mark lasts unless renewed (see
 #: ``embedded.store.entry_life``).
 QUEUE_ENTRY_LIFE = 6.0
@@ -56,7 +59,6 @@ QUEUE_ENTRY_LIFE = 6.0
 #: A queue entry: ``[token, witness, until, bell, ttl, host, pid, thread]``, all that
 #: a release needs to grant the lock to the waiter.
 _ENTRY_SIZE = 8
-_READ_SIZE = 65536
 #: What a release rings (``FileAdapter._ring``): the granted waiter's bell, the news of
 #: its grant, its witness mark, and the queue behind it.
 Grant = Tuple[Optional[str], bytes, Optional[str], List[List[Any]]]
@@ -64,29 +66,6 @@ Grant = Tuple[Optional[str], bytes, Optional[str], List[List[Any]]]
 _RECORDS = KeptFiles(8, lambda path: open_private(path, os.O_RDWR))
 #: And the fence file of the store it used last (see ``HighWater``).
 _MARKS = KeptFiles(1, lambda path: open_private(path, os.O_RDWR))
-
-
-if sys.platform == "win32":
-
-    def _links_and_size(fd: int) -> Tuple[int, int]:
-        # Windows refuses to delete or replace a file that a handle holds open without
-        # FILE_SHARE_DELETE, which os.open never asks for: the record under our handle is
-        # the one at the path. And fstat() costs milliseconds there (13 ms under Wine),
-        # where seeking to the end gives the size in microseconds.
-        return 1, os.lseek(fd, 0, os.SEEK_END)
-
-else:
-
-    def _links_and_size(fd: int) -> Tuple[int, int]:
-        info = os.fstat(fd)
-        return info.st_nlink, info.st_size
-
-
-def file_name(name: str) -> str:
-    """The file that holds ``name``'s record: a hash, so any name is harmless."""
-    import hashlib  # here, not at the top: it costs a CLI on the SQLite store ~2 ms
-
-    return hashlib.sha256(name.encode("utf-8")).hexdigest()[:40] + _SUFFIX
 
 
 class FileAdapter(EmbeddedStore):
@@ -446,15 +425,6 @@ class FileAdapter(EmbeddedStore):
         )
 
 
-def _remove(path: str) -> bool:
-    """Unlink a record; if that fails, it stays (free), as records did before."""
-    try:
-        os.unlink(path)
-        return True
-    except OSError:
-        return False
-
-
 def _forget(fd: int, path: str) -> None:
     """Unlock and close a record after a failure (``fd`` -1: already closed). Unlocked
     first: a copy of the descriptor that a child forked meanwhile inherited would keep
@@ -465,95 +435,3 @@ def _forget(fd: int, path: str) -> None:
         except (OSError, BrokerLockError):
             pass
     _RECORDS.drop(path)
-
-
-
-def _read_raw(fd: int, size: int = _READ_SIZE) -> bytes:
-    """The whole of a record file; ``size``, the length it is expected to have, sizes
-    the read (a read buffer is allocated whole first)."""
-    want = size + 64
-    raw = read_at(fd, want, 0)
-    while len(raw) == want:  # longer than expected
-        more = read_at(fd, _READ_SIZE, len(raw))
-        if not more:
-            break
-        raw += more
-        want = len(raw)
-    return raw
-
-
-def _read_record(
-    fd: int, path: str, name: Optional[str], size: int = _READ_SIZE
-) -> Tuple[Optional[Record], int]:
-    """The record in ``fd`` and the file's length (see ``_read_raw``)."""
-    raw = _read_raw(fd, size)
-    return decode(raw, path, name), len(raw)
-
-
-class _Opened:
-    """The fence file opened once for one batch of removals, then closed (a
-    ``KeptFiles`` for ``HighWater``): a removal may run inside the garbage collector,
-    in a thread whose kept descriptor of that file is in use up the stack."""
-
-    def __init__(self) -> None:
-        self.fd = -1
-
-    def get(self, path: str) -> int:
-        if self.fd < 0:
-            self.fd = open_private(path, os.O_RDWR)
-        return self.fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-#: How long a removal waits for a record's flock, which others hold for microseconds.
-#: Bounded, not ``lock_briefly``'s patience: a removal may run inside the garbage
-#: collector in a thread that holds that very flock (it then gives up, the record
-#: stays), and one busy record must not stall a release or the interpreter's exit.
-_RECLAIM_PATIENCE = 0.05
-
-
-def _reclaim_records(
-    directory: str, fence_path: str, names: List[str], high_water: Optional[HighWater] = None
-) -> None:
-    """Remove the records of ``names`` that are free with nobody waiting, as a release
-    did before it kept them (see embedded.deferred): under the record's flock, its
-    fence raised into the floor first, then unlinked. Whoever opened the file before
-    the unlink finds it unlinked once it has the flock, and opens the path anew;
-    whoever holds or waits for the name meanwhile keeps the record.
-
-    Record descriptors are opened here and closed after, never this thread's kept
-    ones: one of those may be in use up the stack (see ``_Opened``); a kept one of a
-    removed record is found unlinked by its next use (``_update``). So is the floor's,
-    unless the caller passes the adapter's ``high_water`` (only where no flock of the
-    thread can be held: a release's eviction, not the garbage collector)."""
-    floor = _Opened()
-    if high_water is None:
-        high_water = HighWater(fence_path, floor)
-    try:
-        for name in names:
-            path = os.path.join(directory, file_name(name))
-            try:
-                fd = os.open(path, os.O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_BINARY)
-            except OSError:
-                continue  # removed already (by another process that freed it)
-            try:
-                if not lock_within(fd, _RECLAIM_PATIENCE):
-                    continue  # in use: its user keeps it, or frees it into its own set
-                links, size = _links_and_size(fd)
-                if not links:
-                    continue
-                record, _size = _read_record(fd, path, name, size)
-                if record is None or record.get("damaged") or record.get("token") or record.get("queue"):
-                    continue  # taken, waited for, or not ours to judge: it stays
-                if high_water.raise_to(record["fence"], _RECLAIM_PATIENCE):
-                    _remove(path)  # (only once the floor covers its fence)
-            except (OSError, BrokerLockError):
-                continue  # (it stays, free: as after a crash)
-            finally:
-                os.close(fd)  # (the flock goes with it)
-    finally:
-        floor.close()
