@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import os
-import pathlib
 import sqlite3
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -31,7 +30,7 @@ from ..base import Lease, Request, clock_fence
 from ..embedded.files import ensure_private_dir
 from ..embedded.store import EmbeddedStore, grant_news
 from . import sql
-from .conn import SQLiteConnections, _busy, _OutOfTime, _prepare_database_file
+from .conn import RECLAIM_PATIENCE, SQLiteConnections, _busy, _OutOfTime, _prepare_database_file, reclaim_rows
 from .pool import Pool
 from .waiting import QueuePlace
 
@@ -72,7 +71,7 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
         self._run("open the database", lambda conn: None)
 
     def _reclaimer(self) -> Callable[[List[str]], None]:
-        return functools.partial(_reclaim_rows, self.path)
+        return functools.partial(reclaim_rows, self.path)
 
     def _reclaim(self, names: List[str]) -> None:
         # With a connection of the pool: a release of a one-off name pushes a name out
@@ -83,7 +82,7 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
             conn.executemany(sql.RECLAIM, [(name,) for name in names])
 
         try:
-            self._run("remove free rows", delete, time.monotonic() + _RECLAIM_PATIENCE)
+            self._run("remove free rows", delete, time.monotonic() + RECLAIM_PATIENCE)
         except (BrokerLockError, _OutOfTime) as exc:
             log.debug("%s: could not remove %d free rows: %r", self.url, len(names), exc)
 
@@ -415,28 +414,3 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
     def force_release(self, name: str) -> bool:
         lease = self.get(name)
         return lease is not None and self._free(name, lease.token, "break") is not None
-
-
-#: How long the removal of kept rows waits for SQLite's write lock: bounded, since it
-#: may run inside the garbage collector in a thread whose own transaction holds that
-#: lock (rare: then the rows stay); long enough for a store busy with other processes.
-_RECLAIM_PATIENCE = 2.0
-
-
-def _reclaim_rows(path: str, names: List[str]) -> None:
-    """Delete the kept rows of ``names`` that are still free and unwaited (sql.RECLAIM),
-    in one transaction on a connection of its own (see embedded.deferred): never a
-    pooled one, which may be in use up the stack, nor one that creates the file."""
-    uri = pathlib.Path(path).as_uri() + "?mode=rw"
-    conn = sqlite3.connect(uri, uri=True, timeout=_RECLAIM_PATIENCE, isolation_level=None)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany(sql.RECLAIM, [(name,) for name in names])
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-    finally:
-        conn.close()
