@@ -21,7 +21,9 @@ def _import_everything() -> None:
     import brokerlock
 
     root = os.path.dirname(brokerlock.__file__)
-    wanted = {"encodings.idna", "sqlite3"}
+    # (locale: gettext, which argparse's messages go through, imports it when the
+    # parser is built; Python 3.11+ has it loaded by then, 3.9 and 3.10 do not.)
+    wanted = {"encodings.idna", "sqlite3", "locale"}
     for directory, _dirs, files in os.walk(root):
         for name in files:
             if not name.endswith(".py"):
