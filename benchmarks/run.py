@@ -507,7 +507,8 @@ def report(
             [
                 family,
                 f"{r['names']:,} x2",
-                f"{second['records']:,}",
+                f"{second['records']:,}"
+                + (f" ({r['records_closed']:,} closed)" if "records_closed" in r else ""),
                 f"{first['bytes'] / 1e6:.2f} / {second['bytes'] / 1e6:.2f} MB",
                 fmt_ns(r["list_s"] * 1e9),
                 fmt_ns(r["list_call_s"] * 1e9),

@@ -120,6 +120,24 @@ def lock_briefly(fd: int, path: str) -> None:
         delay = min(delay * 2, 0.005)
 
 
+def lock_within(fd: int, seconds: float) -> bool:
+    """Take the flock of a file that others hold for microseconds at a time, giving up
+    (False) after ``seconds``: for work that may be skipped, never waited for."""
+    if lock_file(fd, blocking=False):
+        return True
+    give_up = time.monotonic() + seconds
+    tries = 0
+    while time.monotonic() < give_up:
+        tries += 1
+        if tries <= YIELDS:
+            yield_cpu()
+        else:
+            time.sleep(0.0002)
+        if lock_file(fd, blocking=False):
+            return True
+    return False
+
+
 #: A directory shared by a group: setgid (what is created in it gets its group) and
 #: group read/write/search. Its files are made group read/write (0660), its
 #: directories 02770, whoever comes first; elsewhere 0600 and 0700.

@@ -5,10 +5,12 @@ grant a bell carries."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable, Optional
+import weakref
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 from ..base import Adapter, Lease, Request
 from .clock import BOOT_ID, boot_clock
+from .deferred import Deferred
 from .witness import Witness, witness_for
 
 if TYPE_CHECKING:
@@ -73,6 +75,30 @@ class EmbeddedStore(Adapter):
         self._witness: Witness = witness_for(witness_path, bells_dir)
         self._bells_dir = bells_dir
         self._bells_made: Optional[Bells] = None
+        #: Names whose free records this adapter kept (see ``embedded.deferred``); the
+        #: store removes them when closed, dropped, or at the interpreter's exit.
+        self._deferred = Deferred(self._reclaimer())
+        weakref.finalize(self, self._deferred.flush)
+
+    def _reclaimer(self) -> Callable[[List[str]], None]:
+        """A function that removes the free, unwaited records of the names it is given,
+        for ``Deferred``: it must not hold the adapter (see there)."""
+        raise NotImplementedError
+
+    def _kept_free(self, name: str) -> None:
+        """``name``'s record was left free with no queue: remember it, and remove the
+        record of the name that pushes out of the set (see ``embedded.deferred``)."""
+        evicted = self._deferred.freed(name)
+        if evicted:
+            self._reclaim(evicted)
+
+    def _reclaim(self, names: List[str]) -> None:
+        """Remove the free, unwaited records of ``names`` now (a store may do it with
+        what the adapter has open; the ``_reclaimer`` must do without)."""
+        self._deferred.reclaim(names)
+
+    def close(self) -> None:
+        self._deferred.flush()
 
     def now(self) -> float:
         return self._clock()

@@ -8,8 +8,9 @@ kernel lock, decides who holds, so that a ttl can take a lock from a holder that
 overran it. The holder's liveness is proved by its witness byte (see ``embedded.witness``),
 which frees a killed holder's lock at once. Waiters sleep in inotify until a record
 is written or a process that used the store exits. A record freed while nobody waits
-is removed, its fence kept in the store's floor (see ``record.HighWater``): the
-directory holds only names in use.
+is kept free for the name's next cycle and removed later by the adapter that freed it
+(see ``embedded.deferred``), its fence kept in the store's floor (see
+``record.HighWater``): the directory holds the names in use and a few recently freed.
 
 ``flock`` is unreliable on NFS and other network file systems: use Redis or
 PostgreSQL for locks shared between hosts.
@@ -17,11 +18,12 @@ PostgreSQL for locks shared between hosts.
 
 from __future__ import annotations
 
+import functools
 import os
-import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ..._log import log
 from ..._platform import HAVE_FILE_LOCKS
 from ...errors import BrokerLockError
 from ..base import Lease, Request
@@ -40,10 +42,16 @@ from ..embedded.files import (
     write_at,
 )
 from ..embedded.store import EmbeddedStore, grant_news
+from .reclaim import SUFFIX as _SUFFIX
+from .reclaim import file_name
+from .reclaim import links_and_size as _links_and_size
+from .reclaim import read_raw as _read_raw
+from .reclaim import read_record as _read_record
+from .reclaim import reclaim_records as _reclaim_records
+from .reclaim import remove as _remove
 from .record import HighWater, Record, decode, encode, leased, stamp, stamp_text
 from .waiting import QueuePlace
 
-_SUFFIX = ".lock"
 #: How long a waiter's place without a witness mark lasts unless renewed (see
 #: ``embedded.store.entry_life``).
 QUEUE_ENTRY_LIFE = 6.0
@@ -51,7 +59,6 @@ QUEUE_ENTRY_LIFE = 6.0
 #: A queue entry: ``[token, witness, until, bell, ttl, host, pid, thread]``, all that
 #: a release needs to grant the lock to the waiter.
 _ENTRY_SIZE = 8
-_READ_SIZE = 65536
 #: What a release rings (``FileAdapter._ring``): the granted waiter's bell, the news of
 #: its grant, its witness mark, and the queue behind it.
 Grant = Tuple[Optional[str], bytes, Optional[str], List[List[Any]]]
@@ -59,29 +66,6 @@ Grant = Tuple[Optional[str], bytes, Optional[str], List[List[Any]]]
 _RECORDS = KeptFiles(8, lambda path: open_private(path, os.O_RDWR))
 #: And the fence file of the store it used last (see ``HighWater``).
 _MARKS = KeptFiles(1, lambda path: open_private(path, os.O_RDWR))
-
-
-if sys.platform == "win32":
-
-    def _links_and_size(fd: int) -> Tuple[int, int]:
-        # Windows refuses to delete or replace a file that a handle holds open without
-        # FILE_SHARE_DELETE, which os.open never asks for: the record under our handle is
-        # the one at the path. And fstat() costs milliseconds there (13 ms under Wine),
-        # where seeking to the end gives the size in microseconds.
-        return 1, os.lseek(fd, 0, os.SEEK_END)
-
-else:
-
-    def _links_and_size(fd: int) -> Tuple[int, int]:
-        info = os.fstat(fd)
-        return info.st_nlink, info.st_size
-
-
-def file_name(name: str) -> str:
-    """The file that holds ``name``'s record: a hash, so any name is harmless."""
-    import hashlib  # here, not at the top: it costs a CLI on the SQLite store ~2 ms
-
-    return hashlib.sha256(name.encode("utf-8")).hexdigest()[:40] + _SUFFIX
 
 
 class FileAdapter(EmbeddedStore):
@@ -110,6 +94,7 @@ class FileAdapter(EmbeddedStore):
             os.path.join(self.directory, "witness"), os.path.join(self.directory, "bells"), clock
         )
         self._paths: Dict[str, str] = {}
+        self._written: Dict[str, Tuple[bytes, Record]] = {}
         self._high_water = HighWater(os.path.join(self.directory, "fence"), _MARKS)
 
     def _read_pin(self) -> float:
@@ -145,6 +130,7 @@ class FileAdapter(EmbeddedStore):
         """Run ``change(record) -> (result, new record or None)`` under the file's flock."""
         path = self._path(name)
         fd = _RECORDS.get(path)
+        kept_free = False
         try:
             while True:
                 lock_briefly(fd, path)
@@ -156,54 +142,60 @@ class FileAdapter(EmbeddedStore):
                 _RECORDS.drop(path)
                 fd = -1  # closed: its number may be another thread's before ours is back
                 fd = _RECORDS.get(path)
-            record, size = self._read(fd, path, name, size)
+            raw = _read_raw(fd, size)
+            size = len(raw)
+            known = self._written.get(path)
+            # (A memo of decode(): the bytes this adapter last wrote here, and the record
+            # they decode to. Most often they are what is read, in a cycle of the name.)
+            record = known[1] if known is not None and known[0] == raw else decode(raw, path, name)
             if record is None or record.get("damaged"):
                 # No record (a new name, or one whose record went when it was last
                 # freed) or a damaged one: a free record whose fence is the store's
                 # floor, so that the next lease's fence is above every removed one.
                 record = {"name": name, "token": None, **(record or {}), "fence": self._high_water.read()}
             result, new = change(record)
-            if (new is None and size == 0) or (
-                new is not None and not new.get("token") and not new.get("queue")
-            ):
-                # Free, and nobody waits (or an empty file nobody wrote): the record
-                # goes, its fence kept in the floor first. Unlinked under its flock:
-                # anyone who opened it meanwhile finds it unlinked once they have the
-                # flock, and opens the path anew (above).
-                if new is not None:
-                    self._high_water.raise_to(new["fence"])
+            if new is None and size == 0:
+                # An empty file nobody wrote (a look at a name without a record): it
+                # goes at once, under its flock; anyone who opened it meanwhile finds
+                # it unlinked once they have the flock, and opens the path anew (above).
                 if _remove(path):
                     unlock_file(fd)
                     _RECORDS.drop(path)
                     return result
             if new is not None:
-                data = encode(new)
+                # Free with nobody waiting: the record is kept (written free, its fence
+                # in it) and removed later, when this adapter forgets the name (see
+                # embedded.deferred); the next cycle of the name rewrites it in place.
+                kept_free = not new.get("token") and not new.get("queue")
                 # Pad over a longer old record instead of truncating: one write, not two;
                 # readers decode the first JSON value and ignore the blanks after it.
-                write_at(fd, data.ljust(size), 0)
+                data = encode(new).ljust(size)
+                write_at(fd, data, 0)
+                if len(self._written) > 4096:
+                    self._written.clear()
+                self._written[path] = (data, new)  # (change() never alters a record it is given)
             unlock_file(fd)
-            return result
         except OSError as exc:
             _forget(fd, path)
             raise BrokerLockError(f"{self.url}: could not {action} {name!r}: {exc}") from None
         except BaseException:
             _forget(fd, path)
             raise
+        if kept_free:
+            self._kept_free(name)  # (after the flock: a removal takes another record's)
+        return result
 
-    def _read(
-        self, fd: int, path: str, name: Optional[str], size: int = _READ_SIZE
-    ) -> Tuple[Optional[Record], int]:
-        """The record in ``fd`` and the file's length; ``size``, the length it is
-        expected to have, sizes the read (a read buffer is allocated whole first)."""
-        want = size + 64
-        raw = read_at(fd, want, 0)
-        while len(raw) == want:  # longer than expected
-            more = read_at(fd, _READ_SIZE, len(raw))
-            if not more:
-                break
-            raw += more
-            want = len(raw)
-        return decode(raw, path, name), len(raw)
+    def _reclaimer(self) -> Callable[[List[str]], None]:
+        # (Called before __init__ sets _high_water: the floor's path is spelled out.)
+        return functools.partial(_reclaim_records, self.directory, os.path.join(self.directory, "fence"))
+
+    def _reclaim(self, names: List[str]) -> None:
+        # Names pushed out by a release: not inside the garbage collector, and no flock
+        # of this thread held (see _update), so the thread's kept floor descriptor serves.
+        try:
+            _reclaim_records(self.directory, self._high_water.path, names, self._high_water)
+        except Exception as exc:  # (the release succeeded: the records stay, free)
+            log.debug("%s: could not remove %d free records: %r", self.url, len(names), exc)
 
     def _holds(self, record: Optional[Record], now: float) -> bool:
         """Whether ``record`` is a live lease: unexpired, its holder alive."""
@@ -420,7 +412,7 @@ class FileAdapter(EmbeddedStore):
                 continue  # removed or replaced under us: not a lock of ours
             try:
                 lock_file(fd, shared=True)
-                record, _size = self._read(fd, path, None)
+                record, _size = _read_record(fd, path, None)
             finally:
                 os.close(fd)
             if record is not None and not record.get("damaged") and self._holds(record, now):
@@ -433,15 +425,6 @@ class FileAdapter(EmbeddedStore):
         )
 
 
-def _remove(path: str) -> bool:
-    """Unlink a record; if that fails, it stays (free), as records did before."""
-    try:
-        os.unlink(path)
-        return True
-    except OSError:
-        return False
-
-
 def _forget(fd: int, path: str) -> None:
     """Unlock and close a record after a failure (``fd`` -1: already closed). Unlocked
     first: a copy of the descriptor that a child forked meanwhile inherited would keep
@@ -452,4 +435,3 @@ def _forget(fd: int, path: str) -> None:
         except (OSError, BrokerLockError):
             pass
     _RECORDS.drop(path)
-

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..._log import log
 from ...errors import BrokerLockError
 from ..base import clock_fence
-from ..embedded.files import lock_file, read_at, unlock_file, write_at
+from ..embedded.files import lock_file, lock_within, read_at, unlock_file, write_at
 
 Record = Dict[str, Any]
 
@@ -141,9 +141,10 @@ class HighWater:
     """The store's fence floor: the highest fence of any record it removed, in one
     small file beside the records.
 
-    A released name's record is removed when nobody waits for it, taking its fence
-    with it; a record made anew for the name starts above this mark, so no fence of a
-    name ever repeats, even when the wall clock steps back. The mark is raised under
+    A released name's record is removed when nobody waits for it (later: see
+    ``embedded.deferred``), taking its fence with it; a record made anew for the name
+    starts above this mark, so no fence of a name ever repeats, even when the wall
+    clock steps back. The mark is raised under
     its own flock *before* the record is unlinked, under the record's flock (taken
     first, always in that order): whoever makes the record anew can only do so after
     the unlink, and then reads a mark that covers it.
@@ -169,12 +170,17 @@ class HighWater:
         finally:
             unlock_file(fd)
 
-    def raise_to(self, fence: int) -> None:
+    def raise_to(self, fence: int, within: float) -> bool:
+        """Raise the mark to ``fence``; False if its flock stayed busy for ``within``
+        seconds (the caller then must not remove the record: see ``_reclaim_records``,
+        which may run in a thread that holds this flock up the stack)."""
         fd = self._files.get(self.path)
-        lock_file(fd)
+        if not lock_within(fd, within):
+            return False
         try:
             if fence > self._value(fd):
                 # Fixed width: one write replaces the whole value.
                 write_at(fd, b"%020d\n" % fence, 0)
         finally:
             unlock_file(fd)
+        return True

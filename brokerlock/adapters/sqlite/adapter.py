@@ -1,12 +1,15 @@
 """SQLite store: one row per lock name, changed by single atomic statements.
 
-Acquire is one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <free> RETURNING fence``.
-A row freed while nobody waits is deleted in the freeing statement, and the store's
-fence floor keeps its fence (see ``sql``), so the fence of a name keeps growing across
-releases, processes and restarts while the table holds only names in use. A holder's
-process is proved alive by its witness byte (see ``embedded.witness``), so a killed
-holder's lock is free at once. Waiters queue in a table; a release grants the lock to
-the first live one in the same statement and rings its bell (see ``embedded.bells``).
+Acquire is one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE <free> RETURNING fence``
+(or a plain ``UPDATE`` of a row the adapter kept free, see ``sql.ACQUIRE_KEPT``).
+A row freed while nobody waits is kept free for the name's next cycle and deleted later
+by the adapter that freed it (see ``embedded.deferred``), and the store's fence floor
+keeps its fence (see ``sql``), so the fence of a name keeps growing across releases,
+processes and restarts while the table holds the names in use and a few recently
+freed. A holder's process is proved alive by its witness byte (see
+``embedded.witness``), so a killed holder's lock is free at once. Waiters queue in a
+table; a release grants the lock to the first live one in the same statement and
+rings its bell (see ``embedded.bells``).
 Connections and retries: ``sqlite.conn``.
 
 Good for one host. SQLite's locking is unreliable on NFS and other network file
@@ -15,17 +18,19 @@ systems: use Redis or PostgreSQL for locks shared between hosts.
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ..._log import log
 from ...errors import BrokerLockError
 from ..base import Lease, Request, clock_fence
 from ..embedded.files import ensure_private_dir
 from ..embedded.store import EmbeddedStore, grant_news
 from . import sql
-from .conn import SQLiteConnections, _busy, _OutOfTime, _prepare_database_file
+from .conn import RECLAIM_PATIENCE, SQLiteConnections, _busy, _OutOfTime, _prepare_database_file, reclaim_rows
 from .pool import Pool
 from .waiting import QueuePlace
 
@@ -64,6 +69,26 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
         _prepare_database_file(self.path)
         super().__init__(self.path + "-witness", self.path + "-bells", clock)
         self._run("open the database", lambda conn: None)
+
+    def _reclaimer(self) -> Callable[[List[str]], None]:
+        return functools.partial(reclaim_rows, self.path)
+
+    def _reclaim(self, names: List[str]) -> None:
+        # With a connection of the pool: a release of a one-off name pushes a name out
+        # of the set each time. The write lock is waited for like any statement's, but
+        # not for a wedged writer's 30 s after a release that succeeded: a name given
+        # up on keeps its row (free), as after a crash.
+        def delete(conn: sqlite3.Connection) -> None:
+            conn.executemany(sql.RECLAIM, [(name,) for name in names])
+
+        try:
+            self._run("remove free rows", delete, time.monotonic() + RECLAIM_PATIENCE)
+        except (BrokerLockError, _OutOfTime) as exc:
+            log.debug("%s: could not remove %d free rows: %r", self.url, len(names), exc)
+
+    def close(self) -> None:
+        EmbeddedStore.close(self)  # the kept rows go first, with a connection of their own
+        SQLiteConnections.close(self)
 
     def _read_pin(self) -> float:
         # (Every new connection reads it too: see sqlite.conn.)
@@ -120,7 +145,11 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
     def _take_if_free(self, request: Request, params: Dict[str, Any]) -> Optional[Lease]:
         """The common case, a free lock, in one statement without the retry machinery;
         a busy or failing store raises, for the caller's careful path to retry or report."""
-        row = self._execute(sql.ACQUIRE_NEW, params)
+        row = None
+        if request.name in self._deferred:  # (its row is most likely there, and free)
+            row = self._execute(sql.ACQUIRE_KEPT, params)
+        if row is None:
+            row = self._execute(sql.ACQUIRE_NEW, params)
         return None if row is None else self._new_lease(request, params, int(row[0]))
 
     def _try_acquire(self, request: Request, deadline: Optional[float]) -> Optional[Lease]:
@@ -296,11 +325,15 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
 
         released = self._release(name, {**params, "clock_fence": clock_fence()}, action)
         if released is not None:
+            if released[1] is None:  # freed, granted to nobody: the row is kept free
+                self._kept_free(name)
             return released
         row = self._run(
             f"{action} {name!r}", lambda conn: conn.execute(sql.FREE_LEASE, params).fetchone()
         )
         if row is None or row[1] is None:
+            if row is not None:
+                self._kept_free(name)
             return row  # type: ignore[no-any-return]
         head = row[1]
         # A step of its own: retrying the release itself would find the lease cleared.
@@ -381,4 +414,3 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
     def force_release(self, name: str) -> bool:
         lease = self.get(name)
         return lease is not None and self._free(name, lease.token, "break") is not None
-

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pathlib
 import random
 import sqlite3
 import stat
@@ -238,7 +239,7 @@ class SQLiteConnections:
                     if str(mode).lower() != "wal":
                         raise sqlite3.OperationalError(f"cannot switch to WAL (journal mode is {mode})")
                 present = conn.execute(sql.SCHEMA_CHECK, sql.SCHEMA_NAMES).fetchone()[0]
-                if present != len(sql.SCHEMA_NAMES) + 2:
+                if present != sql.SCHEMA_COMPLETE:
                     conn.execute("BEGIN IMMEDIATE")
                     try:
                         for statement in sql.SCHEMA:
@@ -356,3 +357,28 @@ class SQLiteConnections:
         pool, self._pool = self._pool, Pool()
         if pool.pid == os.getpid():
             pool.close_idle()  # (those lent at the moment are closed when given back)
+
+
+#: How long the removal of kept rows waits for SQLite's write lock: bounded, since it
+#: may run inside the garbage collector in a thread whose own transaction holds that
+#: lock (rare: then the rows stay); long enough for a store busy with other processes.
+RECLAIM_PATIENCE = 2.0
+
+
+def reclaim_rows(path: str, names: List[str]) -> None:
+    """Delete the kept rows of ``names`` that are still free and unwaited (sql.RECLAIM),
+    in one transaction on a connection of its own (see embedded.deferred): never a
+    pooled one, which may be in use up the stack, nor one that creates the file."""
+    uri = pathlib.Path(path).as_uri() + "?mode=rw"
+    conn = sqlite3.connect(uri, uri=True, timeout=RECLAIM_PATIENCE, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(sql.RECLAIM, [(name,) for name in names])
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()

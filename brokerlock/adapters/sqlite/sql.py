@@ -4,15 +4,16 @@
 the FIFO queue. Triggers take a waiter out of the queue in the same statement that
 grants it the lock.
 
-Released names leave nothing behind: a row whose lease is cleared while
-nobody waits for its name, or whose last waiter leaves while it is free, is deleted
-by a trigger in the same statement, so never while anyone waits (a waiter's queue row
-keeps it) and never under a holder. A fence is ``max(previous + 1, now in µs)``, and
-a new row's ``max(now in µs, the store's floor + 1)``: ``brokerlock_fence`` keeps the
-highest fence of any row deleted, raised by a trigger in the deleting statement, so a
-name whose row was deleted never gets a fence again that it had, even if the wall
-clock steps back. (Raised on deletion, not on every grant: a grant writes no more
-than it did.)
+Released names leave (almost) nothing behind: a row whose lease a release cleared
+while nobody waits for its name is kept free for a while and deleted later by the
+adapter that freed it (``RECLAIM``; see ``embedded.deferred``), and a row whose last
+waiter leaves while it is free is deleted by a trigger in the same statement. Either
+way never while anyone waits (a waiter's queue row keeps it) and never under a
+holder. A fence is ``max(previous + 1, now in µs)``, and a new row's ``max(now in µs,
+the store's floor + 1)``: ``brokerlock_fence`` keeps the highest fence of any row
+deleted, raised by a trigger in the deleting statement, so a name whose row was
+deleted never gets a fence again that it had, even if the wall clock steps back.
+(Raised on deletion, not on every grant: a grant writes no more than it did.)
 """
 
 SCHEMA = (
@@ -62,14 +63,9 @@ SELECT 0, COALESCE(MAX(fence), 0) FROM brokerlock_locks
 CREATE TRIGGER IF NOT EXISTS brokerlock_fence_kept AFTER DELETE ON brokerlock_locks
 BEGIN UPDATE brokerlock_fence SET hwm = OLD.fence WHERE id = 0 AND hwm < OLD.fence; END
 """,
-    """
-CREATE TRIGGER IF NOT EXISTS brokerlock_freed AFTER UPDATE OF token ON brokerlock_locks
-WHEN NEW.token IS NULL
-BEGIN
-    DELETE FROM brokerlock_locks WHERE name = NEW.name AND token IS NULL
-    AND NOT EXISTS (SELECT 1 FROM brokerlock_waiters w WHERE w.name = NEW.name);
-END
-""",
+    # Earlier versions deleted a row in the statement that freed it; a release now
+    # keeps it, and the adapter deletes it later (RECLAIM; see embedded.deferred).
+    "DROP TRIGGER IF EXISTS brokerlock_freed",
     """
 CREATE TRIGGER IF NOT EXISTS brokerlock_left AFTER DELETE ON brokerlock_waiters
 BEGIN
@@ -125,6 +121,17 @@ ON CONFLICT(name) DO UPDATE SET
     host = excluded.host, pid = excluded.pid, thread = excluded.thread,
     witness = excluded.witness
 WHERE {FREE} AND {{queue}}
+RETURNING fence
+"""
+#: A newcomer's acquire of a row its adapter kept free (see embedded.deferred): a plain
+#: UPDATE of the existing row, cheaper than the upsert (no insert path, no floor
+#: subquery: an existing row's own fence + 1 keeps the name's fences growing). If it
+#: changes nothing (the row went, or is taken or queued for), the upsert decides.
+ACQUIRE_KEPT = f"""
+UPDATE brokerlock_locks SET
+    token = :token, fence = MAX(fence + 1, :clock_fence), acquired_at = :now, expires_at = :expires,
+    host = :host, pid = :pid, thread = :thread, witness = :witness
+WHERE name = :name AND {FREE} AND {NO_QUEUE}
 RETURNING fence
 """
 TAKE_FROM_DEAD = """
@@ -221,14 +228,23 @@ SCHEMA_NAMES = (
     "brokerlock_granted",
     "brokerlock_fence",
     "brokerlock_fence_kept",
-    "brokerlock_freed",
     "brokerlock_left",
     "brokerlock_clock",
 )
-#: How many of SCHEMA_NAMES exist, plus 1 for each table that has its newest column: a
-#: store that is complete answers ``len(SCHEMA_NAMES) + 2``.
+#: How many of SCHEMA_NAMES exist, plus 1 for each table that has its newest column,
+#: plus 1 if the trigger of earlier versions is gone: a store that is complete answers
+#: ``len(SCHEMA_NAMES) + 3``.
 SCHEMA_CHECK = (
     f"SELECT (SELECT count(*) FROM sqlite_master WHERE name IN ({', '.join('?' * len(SCHEMA_NAMES))})) + "
     "(SELECT count(*) FROM pragma_table_info('brokerlock_waiters') WHERE name = 'thread') + "
-    "(SELECT count(*) FROM pragma_table_info('brokerlock_locks') WHERE name = 'bell')"
+    "(SELECT count(*) FROM pragma_table_info('brokerlock_locks') WHERE name = 'bell') + "
+    "(SELECT count(*) = 0 FROM sqlite_master WHERE name = 'brokerlock_freed')"
+)
+SCHEMA_COMPLETE = len(SCHEMA_NAMES) + 3
+#: Deferred reclamation (see embedded.deferred): a kept row goes only if it is still
+#: free and nobody waits for its name, the condition the trigger of earlier versions
+#: tested; its fence goes into the floor in the same statement (brokerlock_fence_kept).
+RECLAIM = (
+    "DELETE FROM brokerlock_locks WHERE name = ? AND token IS NULL "
+    "AND NOT EXISTS (SELECT 1 FROM brokerlock_waiters w WHERE w.name = brokerlock_locks.name)"
 )
