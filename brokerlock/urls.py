@@ -84,6 +84,8 @@ def _embedded_path(url: str, scheme: str) -> str:
     authority = url[len(scheme) + 1 :].startswith("//")
     if scheme == "sqlite" and authority and path.startswith("/"):
         path = path[1:]
+    if sys.platform == "win32" and path[:1] == "/" and path[2:3] == ":" and path[1:2].isalpha():
+        path = path[1:]  # file:///C:/dir, the usual form of a Windows file URL
     return path
 
 
@@ -129,9 +131,7 @@ def adapter_from_url(url: str) -> Adapter:
             from .adapters.sqlite import SQLiteAdapter
 
             return SQLiteAdapter(path)
-        if sys.platform == "win32" and path[:1] == "/" and path[2:3] == ":" and path[1:2].isalpha():
-            path = path[1:]  # file:///C:/dir, the usual form of a Windows file URL
-        elif not path.startswith("/"):
+        if not (path.startswith("/") or os.path.isabs(path)):
             raise ValueError(
                 f"store URL {url!r} needs an absolute directory: file:///path/to/dir or file:/path/to/dir"
             )

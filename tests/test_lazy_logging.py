@@ -87,7 +87,7 @@ def test_the_command_shows_warnings_without_loading_logging(tmp_path: Path) -> N
         "print(code, 'logging' in sys.modules)\n"
     )
     out, err = run(code)
-    assert out.split()[-2:] == ["0", "False"], out  # free, and logging never loaded
+    assert out.split()[-2:] == ["0", "False"], (out, err)  # free, and logging never loaded
     assert err.splitlines() == [
         f"brokerlock: lock file {store / file_name('job')} is damaged; treating its lock as free"
     ], err
