@@ -281,7 +281,7 @@ def test_a_file_removal_gives_up_on_a_busy_record_or_floor(tmp_path: Path) -> No
     """A removal may run inside the garbage collector in a thread that holds the
     record's or the floor's flock up the stack: it must give up, not wait for itself,
     and never unlink a record whose fence the floor does not cover."""
-    from brokerlock.adapters.embedded.files import lock_file, unlock_file
+    from brokerlock.adapters.embedded.locking import lock_file, unlock_file
     from brokerlock.adapters.file.adapter import file_name
 
     path = _store_path("file", tmp_path)

@@ -96,7 +96,7 @@ _PREPARE = """
 _CHECK = """
     from brokerlock import BrokerLock, BrokerLockError, FileAdapter, SQLiteAdapter
     from brokerlock import _platform, urls
-    from brokerlock.adapters.embedded import files as _files, wakeup as _wakeup, witness as _witness
+    from brokerlock.adapters.embedded import locking as _files, wakeup as _wakeup, witness as _witness
 
     directory = sys.argv[2]
     out = {"flags": [_platform.HAVE_FCNTL, _platform.HAVE_INOTIFY, _platform.HAVE_WITNESS]}
@@ -186,7 +186,7 @@ def test_windows_branches_of_the_helpers(tmp_path: Path) -> None:
     positioned I/O works without pread/pwrite, and select() stands in for poll()."""
     code = _PREPARE + """
     from brokerlock import BrokerLockError, urls
-    from brokerlock.adapters.embedded import files as _files, wakeup as _wakeup
+    from brokerlock.adapters.embedded import locking as _files, wakeup as _wakeup
     out = {}
     os.environ["LOCALAPPDATA"] = sys.argv[2]
     out["state"] = urls.state_dir()

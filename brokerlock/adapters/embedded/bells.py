@@ -29,17 +29,10 @@ from ..._log import log
 from ..._platform import WAKEUP
 from ...errors import BrokerLockError
 from ..base import BackoffWaiter, Lease, Waiter
-from .files import (
-    O_CLOEXEC,
-    O_NOFOLLOW,
-    KeptFiles,
-    ensure_private_dir,
-    open_private,
-    read_at,
-    write_at,
-)
+from .files import O_CLOEXEC, O_NOFOLLOW, KeptFiles, ensure_private_dir, open_private
 from .liveness import DEAD, SETTLING, UNWATCHED, WATCHED, Watch, Watches
 from .liveness import sweep as sweep_liveness
+from .locking import read_at, write_at
 from .wakeup import _IN_CLOEXEC, _IN_NONBLOCK, CLOSED, MODIFIED, InotifyWaiter, libc
 from .wakeup_fifo import SUFFIX as FIFO_SUFFIX
 from .wakeup_fifo import FifoWaiter, make_fifo, ring_fifo

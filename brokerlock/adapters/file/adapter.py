@@ -28,19 +28,8 @@ from ..._platform import HAVE_FILE_LOCKS
 from ...errors import BrokerLockError
 from ..base import Lease, Request
 from ..embedded.clock import BOOT_ID, new_pin, parse_pin, pin_text
-from ..embedded.files import (
-    NO_FLOCK,
-    O_CLOEXEC,
-    O_NOFOLLOW,
-    KeptFiles,
-    ensure_private_dir,
-    lock_briefly,
-    lock_file,
-    open_private,
-    read_at,
-    unlock_file,
-    write_at,
-)
+from ..embedded.files import O_CLOEXEC, O_NOFOLLOW, KeptFiles, ensure_private_dir, open_private
+from ..embedded.locking import NO_FLOCK, lock_briefly, lock_file, read_at, unlock_file, write_at
 from ..embedded.store import EmbeddedStore, grant_news
 from .reclaim import SUFFIX as _SUFFIX
 from .reclaim import file_name

@@ -9,7 +9,8 @@ import sys
 from typing import List, Optional, Tuple
 
 from ...errors import BrokerLockError
-from ..embedded.files import O_BINARY, O_CLOEXEC, O_NOFOLLOW, lock_within, open_private, read_at
+from ..embedded.files import O_BINARY, O_CLOEXEC, O_NOFOLLOW, open_private
+from ..embedded.locking import lock_within, read_at
 from .record import HighWater, Record, decode
 
 SUFFIX = ".lock"

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..._log import log
 from ...errors import BrokerLockError
 from ..base import clock_fence
-from ..embedded.files import lock_file, lock_within, read_at, unlock_file, write_at
+from ..embedded.locking import lock_file, lock_within, read_at, unlock_file, write_at
 
 Record = Dict[str, Any]
 

@@ -19,7 +19,8 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 from ..._log import log
 from ...errors import BrokerLockError
 from ..embedded.clock import BOOT_ID, new_pin
-from ..embedded.files import YIELDS, io_error, is_shared_dir, open_private, yield_cpu
+from ..embedded.files import io_error, is_shared_dir, open_private
+from ..embedded.locking import YIELDS, yield_cpu
 from . import sql
 from .pool import Pool, Slot
 
