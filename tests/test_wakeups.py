@@ -71,3 +71,39 @@ def test_a_parked_waiter_is_woken_by_the_release(store: str, forced: str, tmp_pa
     assert out["wakeup"] == expected
     assert out["waiter"] == _WAITERS[expected]
     assert out["after"] < 5.0, "woken by the ring, not by the ten-minute safety net"
+
+
+_WAIT_IN_MAIN = """
+import subprocess, sys
+from brokerlock import BrokerLock
+url = sys.argv[1]
+# The holder is another process, so that the waiter watches for its death (a process
+# handle on Windows, a liveness FIFO on the FIFO path) until it exits.
+hold = (
+    "import sys, time\\n"
+    "from brokerlock import BrokerLock\\n"
+    "item = BrokerLock.from_url(sys.argv[1]).item('job', ttl='60s').acquire()\\n"
+    "print('held', flush=True)\\n"
+    "time.sleep(0.5)\\n"
+    "item.release()\\n"
+)
+holder = subprocess.Popen([sys.executable, "-c", hold, url], stdout=subprocess.PIPE, text=True)
+assert holder.stdout.readline() == "held\\n"
+BrokerLock.from_url(url).item("job", ttl="60s", timeout="30s").acquire().release()
+holder.wait(30)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("store", ["sqlite", pytest.param("file", marks=needs_flock)])
+def test_a_process_that_waited_exits_without_a_word(store: str, tmp_path: Path) -> None:
+    """The main thread's bell and watches are dropped at interpreter exit, where
+    imports fail and modules are half gone: nothing may be printed then (under Windows
+    an import in that path printed 'Exception ignored' at every exit)."""
+    import subprocess
+
+    url = f"sqlite:///{tmp_path}/locks.sqlite3" if store == "sqlite" else file_url(tmp_path / "locks")
+    done = subprocess.run(
+        [sys.executable, "-c", _WAIT_IN_MAIN, url], capture_output=True, text=True, timeout=120
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "ok\n", "")

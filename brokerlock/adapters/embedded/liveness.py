@@ -38,7 +38,7 @@ import stat
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Sequence, Tuple
 
 from ..._log import log
 from .files import O_CLOEXEC, O_NOFOLLOW, ensure_private_dir, is_shared_dir
@@ -246,6 +246,9 @@ class Watches:
         self._spent: Dict[Tuple[Optional[str], Optional[int]], float] = {}
         #: What the last ``choose`` picked: descriptor or handle -> peer.
         self.chosen: Dict[int, Tuple[Optional[str], Optional[int]]] = {}
+        #: Windows: what closes a process handle, taken when the first is opened (an
+        #: import in ``_close`` could run at interpreter exit, where imports fail).
+        self._close_handle: Callable[[int], None] = lambda handle: None
 
     def choose(self, watch: Watch) -> str:
         """Open (or keep) the watches ``watch`` asks for; then ``self.chosen`` holds
@@ -300,8 +303,9 @@ class Watches:
         if sys.platform == "win32":
             if not isinstance(pid, int) or pid <= 0:  # (a damaged record)
                 return -1
-            from .wakeup_windows import open_process
+            from .wakeup_windows import close_event, open_process
 
+            self._close_handle = close_event
             if not self._here(mark):
                 return -1
             # (A process that has ended already is signalled at once: no look needed.)
@@ -352,9 +356,7 @@ class Watches:
         if handle is None:
             return
         if sys.platform == "win32":
-            from .wakeup_windows import close_event
-
-            close_event(handle)
+            self._close_handle(handle)
         else:
             try:
                 os.close(handle)
