@@ -157,6 +157,15 @@ def _url(kind: str, tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/locks.sqlite3" if kind == "sqlite" else file_url(tmp_path / "locks")
 
 
+def _kill_and_time(victim: Proc, waiter: Proc, *stages: str) -> float:
+    """Kill ``victim``; the seconds until ``waiter`` reports getting the lock (it may
+    fall asleep again meanwhile only in ``stages``: see ``Proc.got``)."""
+    killed = time.monotonic()
+    victim.kill()
+    waiter.got(*stages)
+    return time.monotonic() - killed
+
+
 def _start(request: pytest.FixtureRequest, code: str, *args: str, **kw: Dict[str, str]) -> Proc:
     proc = Proc(code, *args, **kw)
     request.node.procs.append(proc)
@@ -171,11 +180,8 @@ def test_a_killed_holder_wakes_its_waiter_at_once(
     assert holder.line()[0] == "held"
     waiter = _start(request, _WAITER, url, "push")
     waiter.parked()
-    killed = time.monotonic()
-    holder.kill()
     # ("settling": woken by the death a moment before the dead byte was free)
-    waiter.got("settling")
-    late = time.monotonic() - killed
+    late = _kill_and_time(holder, waiter, "settling")
     assert late < BOUND, f"the waiter heard of its holder's death {late:.2f} s late"
 
 
@@ -195,10 +201,7 @@ def test_a_grant_does_not_leave_a_waiter_watching_the_wrong_process(
     holder.tell()
     assert holder.line() == ["released"]
     first.got()
-    killed = time.monotonic()
-    first.kill()
-    second.got("settling")
-    late = time.monotonic() - killed
+    late = _kill_and_time(first, second, "settling")
     assert late < BOUND, f"the waiter heard of its new holder's death {late:.2f} s late"
 
 
@@ -219,10 +222,7 @@ def test_a_waiter_ahead_killed_in_the_queue_does_not_hide_the_holders_death(
     first.kill()
     again = second.line()  # woken by A's death, asleep again
     assert again[0] == "parked" and again[1] in ("watched", "unwatched", "settling"), again
-    killed = time.monotonic()
-    holder.kill()
-    second.got("watched", "unwatched", "settling")
-    late = time.monotonic() - killed
+    late = _kill_and_time(holder, second, "watched", "unwatched", "settling")
     assert late < BOUND, f"the waiter heard of its holder's death {late:.2f} s late"
 
 
@@ -240,10 +240,7 @@ def test_a_holder_that_cannot_be_watched_is_left_to_the_net(
     assert holder.line()[0] == "held"
     waiter = _start(request, _WAITER, url, "push")
     assert waiter.line() == ["parked", "unwatched"]
-    killed = time.monotonic()
-    holder.kill()
-    waiter.got("unwatched")
-    late = time.monotonic() - killed
+    late = _kill_and_time(holder, waiter, "unwatched")
     assert late < 2.0 + 2.0, f"the waiter's net caught its holder's death {late:.2f} s late"
 
 
@@ -262,10 +259,7 @@ def test_a_fork_child_does_not_keep_its_parents_death_a_secret(
     try:
         waiter = _start(request, _WAITER, url, "push")
         waiter.parked()
-        killed = time.monotonic()
-        holder.kill()
-        waiter.got("settling")
-        late = time.monotonic() - killed
+        late = _kill_and_time(holder, waiter, "settling")
         assert late < BOUND, f"the waiter heard of its holder's death {late:.2f} s late"
     finally:
         os.kill(child, signal.SIGKILL)
