@@ -364,3 +364,57 @@ def test_a_release_just_after_a_waiters_look_still_wakes_it(tmp_path: Path, monk
     assert released.is_set()
     assert lease is not None and lease.token == "waiter", "the release's wake-up was lost"
     assert time.monotonic() - started < 5.0
+
+
+def test_a_release_interrupted_before_its_ring_still_wakes_the_waiter(
+    kind: str, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """KeyboardInterrupt lands after the release granted the lock in the store, at the
+    first line of the ring: the release runs again (lock.py) and must ring the waiter
+    then. Before, the waiter slept until its safety net (4-6 s: the fuzz test saw it)."""
+    from brokerlock.adapters.embedded import bells as _bells
+
+    monkeypatch.setattr(_bells, "SAFETY_NET", 600.0)  # only a ring wakes the waiter in time
+    monkeypatch.setattr(_bells, "DEATH_NET", 600.0)
+    adapter: Any = STORES[kind](tmp_path)
+    holder = BrokerLock(adapter).item("job", ttl="30s")
+    holder.acquire()
+    waiter = BrokerLock(STORES[kind](tmp_path)).item("job", ttl="30s", timeout="20s")
+    got: List[Any] = []
+    done = threading.Event()
+
+    def wait() -> None:
+        got.append(waiter.acquire().fence)
+        done.wait(10)
+        waiter.release()
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    _wait_queued(adapter, 1)
+    # The ring's first call raises, as an interrupt at its first line would.
+    owner, attribute = adapter._bells, "ring"
+    real = getattr(owner, attribute)
+    calls: List[int] = []
+
+    def interrupted(*args: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real(*args)
+
+    monkeypatch.setattr(owner, attribute, interrupted)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        holder.release()
+    assert not holder.acquired
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got, "the waiter was never rung"
+    assert time.monotonic() - started < 3, "woken by a ring, not a net"
+    current = adapter.get("job")
+    assert current is not None and current.fence == got[0]
+    assert len(calls) == 2, "the ring was made again, once"
+    done.set()
+    thread.join(5)
+    assert adapter.get("job") is None

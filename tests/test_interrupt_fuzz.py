@@ -94,7 +94,9 @@ def test_sigint_fuzz_leaks_no_lease(make_store: StoreFactory, tmp_path: Path) ->
     assert looped["leaked"] == 0 and looped["held"] == 0, report
     assert looped["timeouts"] == 0 and rivalled["timeouts"] == 0, report
     assert looped["rounds"] > 0 and rivalled["rounds"] > 0, report
-    # The ttl is 20 s: a leaked lease would make the rival wait for it.
-    assert rivalled["longest"] < 5.0, report
+    # The ttl is 20 s: a leaked lease would make the rival wait for it; a ring that an
+    # interrupt cut short would make it wait for its safety net (4-6 s). It waits some
+    # 20 ms otherwise.
+    assert rivalled["longest"] < 2.0, report
     assert looped.get("free", True), report
     assert adapter.get(name) is None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import TYPE_CHECKING, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from ..base import Adapter, Lease, Request
 from .clock import BOOT_ID, boot_clock
@@ -79,6 +79,16 @@ class EmbeddedStore(Adapter):
         #: store removes them when closed, dropped, or at the interpreter's exit.
         self._deferred = Deferred(self._reclaimer())
         weakref.finalize(self, self._deferred.flush)
+        #: Grants of a lock that this adapter's releases and departures wrote and may
+        #: not have rung yet, by name. Noted before the store changes and dropped once
+        #: the ring is done, so an interrupt landing anywhere in between (after the
+        #: write, at the ring's first line) leaves the note behind; the release or
+        #: departure that runs again after an interrupt (``lock``, ``inflight.settle``
+        #: always run one again) finds its lease gone, sees the note and rings the
+        #: waiter the store shows then. Without it that waiter slept until its safety
+        #: net (seconds), which the interrupt fuzz test saw. A ring too many only
+        #: wakes a waiter once for nothing: the store, not the ring, is the truth.
+        self._unrung: Dict[str, Any] = {}
 
     def _reclaimer(self) -> Callable[[List[str]], None]:
         """A function that removes the free, unwaited records of the names it is given,

@@ -30,7 +30,8 @@ from ..base import Lease, Request
 from ..embedded.clock import BOOT_ID, new_pin, parse_pin, pin_text
 from ..embedded.files import O_CLOEXEC, O_NOFOLLOW, KeptFiles, ensure_private_dir, open_private
 from ..embedded.locking import NO_FLOCK, lock_briefly, lock_file, read_at, unlock_file, write_at
-from ..embedded.store import EmbeddedStore, grant_news
+from ..embedded.store import EmbeddedStore
+from .grants import ENTRY_SIZE, hand_over, note_grant, rang, ring, unrung_grant
 from .reclaim import SUFFIX as _SUFFIX
 from .reclaim import file_name
 from .reclaim import links_and_size as _links_and_size
@@ -38,19 +39,13 @@ from .reclaim import read_raw as _read_raw
 from .reclaim import read_record as _read_record
 from .reclaim import reclaim_records as _reclaim_records
 from .reclaim import remove as _remove
-from .record import HighWater, Record, decode, encode, leased, stamp, stamp_text
+from .record import HighWater, Record, decode, encode, leased, stamp
 from .waiting import QueuePlace
 
 #: How long a waiter's place without a witness mark lasts unless renewed (see
 #: ``embedded.store.entry_life``).
 QUEUE_ENTRY_LIFE = 6.0
 
-#: A queue entry: ``[token, witness, until, bell, ttl, host, pid, thread]``, all that
-#: a release needs to grant the lock to the waiter.
-_ENTRY_SIZE = 8
-#: What a release rings (``FileAdapter._ring``): the granted waiter's bell, the news of
-#: its grant, its witness mark, and the queue behind it.
-Grant = Tuple[Optional[str], bytes, Optional[str], List[List[Any]]]
 #: Each thread keeps its last few records open (see ``KeptFiles``).
 _RECORDS = KeptFiles(8, lambda path: open_private(path, os.O_RDWR))
 #: And the fence file of the store it used last (see ``HighWater``).
@@ -212,7 +207,7 @@ class FileAdapter(EmbeddedStore):
         queue = [
             e
             for e in record.get("queue") or []
-            if isinstance(e, list) and len(e) == _ENTRY_SIZE and e[2] > now
+            if isinstance(e, list) and len(e) == ENTRY_SIZE and e[2] > now
         ]
         while queue and not self._witness.is_alive(queue[0][1]):
             del queue[0]
@@ -229,32 +224,6 @@ class FileAdapter(EmbeddedStore):
             [e for e in queue if e[0] != request.token],
         )
         return self._lease(new), new
-
-    def _hand_over(self, record: Record, now: float) -> Tuple[Record, Optional[Grant]]:
-        """``record`` with its lease cleared and, if a waiter heads the queue, granted to
-        that waiter; and the :data:`Grant` to ring it with (``_ring``).
-
-        Granting here, under the flock the release holds anyway, spares the woken waiter
-        a read-modify-write of its own: its bell tells it the lease it now has (see
-        ``_granted``). The record stays the truth; the bell is only the news.
-
-        The head's liveness is not tested here but after the flock is let go and the
-        head rung (``_ring``): a test is a system call (a round trip to wineserver under
-        Wine) that every hand-over would wait for while holding the record. A grant to a
-        waiter that had died is a dead holder's lease like any other: ``_ring`` then
-        wakes the first live waiter behind it, which takes the lock from the dead.
-        """
-        queue = [
-            e
-            for e in record.get("queue") or []
-            if isinstance(e, list) and len(e) == _ENTRY_SIZE and e[2] > now
-        ]
-        if not queue:
-            return {**record, "token": None, "witness": None}, None
-        token, witness, _until, bell, ttl, host, pid, thread = queue[0]
-        new = leased(record, record["name"], now, token, witness, ttl, host, pid, thread, queue[1:])
-        news = grant_news(token, new["fence"], new["acquired_at"], new["expires_at"], stamp_text)
-        return new, (bell, news, witness, queue[1:])
 
     # -- the contract -----------------------------------------------------------
     def try_acquire(self, request: Request) -> Optional[Lease]:
@@ -310,32 +279,20 @@ class FileAdapter(EmbeddedStore):
             # (A damaged record may hold anything: only our own well-formed entry goes.)
             queue = [e for e in record.get("queue") or [] if isinstance(e, list) and e]
             if record.get("token") != token and not any(e[0] == token for e in queue):
-                return None, None
+                return unrung_grant(self._unrung, name, record), None  # (run again: see _unrung)
             new = {**record, "queue": [e for e in queue if e[0] != token]}
             if record.get("token") != token and self._holds(new, now):
                 return None, new
-            new, news = self._hand_over(new, now)
+            new, news = hand_over(new, now)
+            note_grant(self._unrung, name, new, news)
             return news, new
 
-        self._ring(self._update(name, "leave the queue of", change))
+        grant = self._update(name, "leave the queue of", change)
+        ring(self._bells, self._witness, grant)
+        rang(self._unrung, name, grant)
 
     def abandon(self, name: str, token: str) -> None:
         self._leave(name, token)  # by token: the queue place and any lease of ours
-
-    def _ring(self, grant: Optional[Grant]) -> None:
-        """Ring the waiter a release granted the lock to; if it had died, wake the first
-        live waiter behind it (see ``_hand_over``)."""
-        if grant is None:
-            return
-        bell, news, witness, behind = grant
-        if bell:
-            self._bells.ring(bell, news)
-        if self._witness.is_alive(witness):
-            return
-        for entry in behind:
-            if self._witness.is_alive(entry[1]):
-                self._bells.ring(entry[3])
-                return
 
     def _free(self, name: str, action: str, may: Callable[[Record], Any]) -> Any:
         """Clear the lease if ``may(record)`` says so and hand the lock to the next waiter.
@@ -346,13 +303,15 @@ class FileAdapter(EmbeddedStore):
         def change(record: Optional[Record]) -> Tuple[Tuple[Any, Any], Optional[Record]]:
             result = None if record is None else may(record)
             if result is None:
-                return (None, None), None
+                return (None, unrung_grant(self._unrung, name, record)), None  # (see _unrung)
             assert record is not None
-            new, news = self._hand_over(record, self._clock())
+            new, news = hand_over(record, self._clock())
+            note_grant(self._unrung, name, new, news)
             return (result, news), new
 
         result, news = self._update(name, action, change)
-        self._ring(news)
+        ring(self._bells, self._witness, news)
+        rang(self._unrung, name, news)
         return result
 
     def release(self, name: str, token: str) -> bool:

@@ -28,9 +28,10 @@ from ..._log import log
 from ...errors import BrokerLockError
 from ..base import Lease, Request, clock_fence
 from ..embedded.files import ensure_private_dir
-from ..embedded.store import EmbeddedStore, grant_news
+from ..embedded.store import EmbeddedStore
 from . import sql
 from .conn import RECLAIM_PATIENCE, SQLiteConnections, _busy, _OutOfTime, _prepare_database_file, reclaim_rows
+from .handover import HandOver
 from .pool import Pool
 from .waiting import QueuePlace
 
@@ -39,7 +40,7 @@ from .waiting import QueuePlace
 QUEUE_ENTRY_LIFE = 6.0
 
 
-class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
+class SQLiteAdapter(HandOver):
     """Locks of the processes of one host, in a SQLite database file.
 
     ``path`` names the database, created (with its directory, ``0700``) if missing;
@@ -170,58 +171,6 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
 
         return self._new_lease(request, params, self._run(f"acquire {request.name!r}", attempt, deadline))
 
-    def _head(
-        self, conn: sqlite3.Connection, name: str, now: float
-    ) -> Tuple[Optional[Tuple[str, Optional[str]]], List[Tuple[int, Optional[str]]]]:
-        """The ``(token, bell)`` of the first live waiter, and the ``(ticket, bell)`` of
-        the dead ones before it. Liveness is tested only up to the head: those behind
-        it are looked at when their turn comes."""
-        dead: List[Tuple[int, Optional[str]]] = []
-        for ticket, token, witness, until, bell in conn.execute(
-            "SELECT ticket, token, witness, until, bell FROM brokerlock_waiters "
-            "WHERE name = ? ORDER BY ticket",
-            (name,),
-        ):
-            if until > now and self._witness.is_alive(witness):
-                return (token, bell), dead
-            dead.append((ticket, bell))
-        return None, dead
-
-    def _delete_waiters(self, conn: sqlite3.Connection, dead: List[Tuple[int, Optional[str]]]) -> None:
-        if dead:
-            conn.executemany("DELETE FROM brokerlock_waiters WHERE ticket = ?", [(t,) for t, _ in dead])
-            for _, bell in dead:
-                if bell:
-                    self._bells.discard(bell)
-
-    def _prune(self, conn: sqlite3.Connection, name: str, now: float) -> bool:
-        """Drop waiters that died or vanished; whether there were any."""
-        _head, dead = self._head(conn, name, now)
-        self._delete_waiters(conn, dead)
-        return bool(dead)
-
-    def _holder(self, conn: sqlite3.Connection, name: str, now: float) -> Tuple[bool, Optional[float]]:
-        """Whether a live holder has ``name``, and when its lease runs out."""
-        row = conn.execute(
-            "SELECT token, expires_at, witness FROM brokerlock_locks WHERE name = ?", (name,)
-        ).fetchone()
-        busy = (
-            row is not None
-            and row[0] is not None
-            and (row[1] is None or row[1] > now)
-            and self._witness.is_alive(row[2])
-        )
-        return busy, (row[1] if busy else None)
-
-    def _next_bell(self, conn: sqlite3.Connection, name: str, *, freed: bool = False) -> Optional[str]:
-        """The bell of the waiter whose turn it now is, if the lock is free (as it is
-        when the caller has just ``freed`` it)."""
-        now = self._clock()
-        head, _dead = self._head(conn, name, now)
-        if head is None or (not freed and self._holder(conn, name, now)[0]):
-            return None
-        return head[1]
-
     def acquire(self, request: Request, timeout: Optional[float]) -> Optional[Lease]:
         """FIFO: a waiter queues in ``brokerlock_waiters`` and takes the lock only at the
         queue's head, woken by its bell (see ``embedded.bells``). Waiters look with reads, which
@@ -300,78 +249,6 @@ class SQLiteAdapter(SQLiteConnections, EmbeddedStore):
         if bell:
             self._bells.ring(bell)
         self._free(name, token, "pass on")
-
-    def _free(self, name: str, token: str, action: str) -> Optional[Tuple[Any, ...]]:
-        """End ``token``'s lease of ``name`` and hand the lock to the next waiter.
-
-        One statement grants the lock to the head of the queue, or clears it when nobody
-        waits, and the head's bell carries the news of the grant: the woken waiter then
-        has nothing left to do. A lease that is not the caller's, or ran out while
-        others wait, goes the careful way: cleared, then granted, step by step.
-        """
-        params = {"name": name, "token": token, "now": self._clock()}
-
-        def hand_over(conn: sqlite3.Connection, head: Optional[str]) -> Tuple[Optional[str], bytes]:
-            if head is None:
-                return None, b""
-            bell, witness, waiter = head.split(" ", 2)
-            if not self._witness.is_alive(witness or None):
-                return self._next_bell(conn, name, freed=True), b"\1"
-            grant = {**params, "head": waiter, "clock_fence": clock_fence()}
-            row = conn.execute(sql.GRANT, grant).fetchone()
-            if row is None:  # it left, or a waiter of an older version: it looks itself
-                return bell or None, b"\1"
-            return bell or None, grant_news(waiter, row[0], row[1], row[2])
-
-        released = self._release(name, {**params, "clock_fence": clock_fence()}, action)
-        if released is not None:
-            if released[1] is None:  # freed, granted to nobody: the row is kept free
-                self._kept_free(name)
-            return released
-        row = self._run(
-            f"{action} {name!r}", lambda conn: conn.execute(sql.FREE_LEASE, params).fetchone()
-        )
-        if row is None or row[1] is None:
-            if row is not None:
-                self._kept_free(name)
-            return row  # type: ignore[no-any-return]
-        head = row[1]
-        # A step of its own: retrying the release itself would find the lease cleared.
-        bell, news = self._run(f"{action} {name!r}", lambda conn: hand_over(conn, head))
-        if bell:
-            self._bells.ring(bell, news)
-        return row  # type: ignore[no-any-return]
-
-    def _release(self, name: str, params: Dict[str, Any], action: str) -> Optional[Tuple[Any, ...]]:
-        """The common release in one statement (sql.RELEASE): the row, if it matched."""
-        try:  # without the retry machinery
-            row, same_file = self._execute_then_look(sql.RELEASE, params)
-        except (sqlite3.Error, OSError):  # busy (the statement did nothing) or a fault:
-            row = self._run(  # retried or reported there
-                f"{action} {name!r}", lambda conn: conn.execute(sql.RELEASE, params).fetchone()
-            )
-            same_file = True  # (_run looked at the file before the statement)
-        if row is not None and not same_file:
-            # The release ran in a file that is no longer the store (deleted or replaced
-            # under us): the lease it cleared was nobody's to rely on, and a newcomer may
-            # hold the lock in the new file. The caller hears LockLost (the careful way
-            # finds no lease of its own there); a waiter it granted in the ghost file is
-            # woken without news, to look in the new file.
-            if row[1] is not None and row[5]:
-                self._bells.ring(row[5])
-            return None
-        if row is None or row[1] is None:
-            return row  # type: ignore[no-any-return]  # (None: the careful way)
-        expires_at, waiter, fence, acquired_at, witness, bell = row
-        if self._witness.is_alive(witness):
-            if bell:
-                self._bells.ring(bell, grant_news(waiter, fence, acquired_at, expires_at))
-            return row  # type: ignore[no-any-return]
-        # Granted to a waiter that had died: the next one finds its lease dead and takes it.
-        bell = self._run(f"{action} {name!r}", lambda conn: self._next_bell(conn, name, freed=True))
-        if bell:
-            self._bells.ring(bell)
-        return row  # type: ignore[no-any-return]
 
     def release(self, name: str, token: str) -> bool:
         # The token is cleared but expires_at kept, so the row reports whether the lease
