@@ -80,11 +80,11 @@ def watch(waiter, whom):
     print("parked", watched, flush=True)
     return watched
 
-def wait_turn(self, bell, deadline, clock, step, granted=None):
+def wait_turn(self, bell, deadline, clock, step, granted=None, **more):
     def counted():
         looks[0] += 1
         return step()
-    return original_turn(self, bell, deadline, clock, counted, granted)
+    return original_turn(self, bell, deadline, clock, counted, granted, **more)
 
 bells._watch, bells.Bells.wait_turn = watch, wait_turn
 item = BrokerLock.from_url(sys.argv[1]).item("job", ttl="60s", timeout="30s")

@@ -366,6 +366,74 @@ def test_a_release_just_after_a_waiters_look_still_wakes_it(tmp_path: Path, monk
     assert time.monotonic() - started < 5.0
 
 
+def test_a_thread_whose_last_wait_was_contended_queues_in_its_first_look(
+    kind: str, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Under contention a waiter skips the newcomer's try (Bells.armed): one update of
+    the store to queue instead of two. It must still never overtake a queued waiter,
+    never miss its ring, and go back to the cheap try once it finds the lock free."""
+    from brokerlock.adapters.embedded import bells as _bells
+
+    monkeypatch.setattr(_bells, "SAFETY_NET", 600.0)  # only a ring wakes a waiter in time
+    holder, queued, armed = (STORES[kind](tmp_path) for _ in range(3))
+    # The newcomer's try: one update of the record, one statement in SQLite.
+    tries: List[str] = []
+    method = "try_acquire" if kind == "file" else "_take_if_free"
+    real_try = getattr(type(armed), method)
+
+    def counted(self: Adapter, request: Request, *more: Any) -> Optional[Lease]:
+        if self is armed:
+            tries.append(request.token)
+        return real_try(self, request, *more)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(type(armed), method, counted)
+    seen: Dict[str, bool] = {}
+    first_done, go = threading.Event(), threading.Event()
+    got: List[Optional[Lease]] = []
+
+    def one(token: str) -> None:
+        got.append(armed.acquire(Request.make("job", token, 30.0), 10.0))
+        armed.release("job", token)
+        seen[token] = armed._bells.armed()
+
+    def thread_body() -> None:
+        one("t1")  # finds the lock taken: arms this thread's bell
+        first_done.set()
+        go.wait(10)
+        one("t2")  # armed: queues at once, behind the waiter already queued
+        one("t3")  # armed, the lock free: taken in the first look, and disarmed
+        one("t4")  # a newcomer's try again
+
+    assert holder.try_acquire(Request.make("job", "h1", 30.0)) is not None
+    thread = threading.Thread(target=thread_body, daemon=True)
+    thread.start()
+    _wait_queued(holder, 1)
+    assert holder.release("job", "h1")
+    assert first_done.wait(10) and seen["t1"], "a wait that found the lock taken arms the bell"
+    assert holder.try_acquire(Request.make("job", "h2", 30.0)) is not None
+    first: List[Optional[Lease]] = []
+    before = _waiter(queued, "q", 10.0, first)
+    _wait_queued(holder, 1)
+    go.set()
+    _wait_queued(holder, 2)
+    assert tries == ["t1"], "the armed thread queued without a newcomer's try"
+    assert holder.release("job", "h2")
+    before.join(5)
+    assert first and first[0] is not None and first[0].token == "q", "FIFO: the queued waiter first"
+    assert thread.is_alive(), "the armed thread waits its turn"
+    assert queued.release("job", "q")
+    thread.join(10)
+    assert not thread.is_alive()
+    assert [lease.token if lease else None for lease in got] == ["t1", "t2", "t3", "t4"]
+    fences = [lease.fence for lease in got if lease is not None]
+    assert got[1] is not None and first[0].fence < got[1].fence and fences == sorted(set(fences))
+    # (A FIFO or an event needs no set-up per wait: such a bell stays armed.)
+    stays = WAKEUP != "inotify"
+    assert seen == {"t1": True, "t2": True, "t3": stays, "t4": stays}
+    assert tries == (["t1"] if stays else ["t1", "t4"]), "t2 and t3 went straight to the first look"
+    assert holder.get("job") is None or holder.get("job").token is None  # type: ignore[union-attr]
+
+
 def test_a_release_interrupted_before_its_ring_still_wakes_the_waiter(
     kind: str, tmp_path: Path, monkeypatch: Any
 ) -> None:

@@ -49,7 +49,7 @@ for _ in range(3):  # three hand-overs: the bell is kept and reused between wait
 print(json.dumps({"wakeup": _platform.WAKEUP, "waiter": kind, "after": at - released}))
 """
 
-_WAITERS = {"inotify": "_SharedInotifyWaiter", "fifo": "FifoWaiter", "event": "EventWaiter"}
+_WAITERS = {"inotify": "SharedInotifyWaiter", "fifo": "FifoWaiter", "event": "EventWaiter"}
 
 
 @pytest.mark.parametrize("store", ["sqlite", pytest.param("file", marks=needs_flock)])

@@ -18,12 +18,11 @@ process handles), and looks again every ``DEATH_NET`` only where it cannot. Only
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 import threading
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 from ..._log import log
 from ..._platform import WAKEUP
@@ -33,7 +32,7 @@ from .files import O_CLOEXEC, O_NOFOLLOW, KeptFiles, ensure_private_dir, open_pr
 from .liveness import DEAD, SETTLING, UNWATCHED, WATCHED, Watch, Watches
 from .liveness import sweep as sweep_liveness
 from .locking import read_at, write_at
-from .wakeup import _IN_CLOEXEC, _IN_NONBLOCK, CLOSED, MODIFIED, InotifyWaiter, libc
+from .wakeup import CLOSED, MODIFIED, SharedInotifyWaiter, libc, thread_inotify
 from .wakeup_fifo import SUFFIX as FIFO_SUFFIX
 from .wakeup_fifo import FifoWaiter, make_fifo, ring_fifo
 from .witness import Witness, witness_for
@@ -41,17 +40,28 @@ from .witness import Witness, witness_for
 if sys.platform == "win32" and WAKEUP == "event":  # (not where a test pretends to be Windows)
     from .wakeup_windows import EventWaiter, close_event, make_event, pid_alive, ring_event
 
+_IN_ATTRIB = 0x4
 _IN_DELETE_SELF = 0x400
 _IN_MOVE_SELF = 0x800
-_RUNG = MODIFIED | _IN_DELETE_SELF | _IN_MOVE_SELF
+#: What wakes a waiter on its bell: a ring, and the bell's removal (a pruner that took
+#: the waiter for dead, the store's directory removed). The waiter keeps its bell open,
+#: so a removal never evicts the inode (no IN_DELETE_SELF): its link count changing
+#: (IN_ATTRIB) is what tells. (A chmod of the bell only costs a spurious look.)
+_RUNG = MODIFIED | _IN_ATTRIB | _IN_DELETE_SELF | _IN_MOVE_SELF
 #: Without a bell to ring, a waiter polls; this caps its sleep.
 POLL_CAP = 0.1
-#: A waiter looks again at least this often, whatever it was told: a lost ring, or a
-#: wall clock corrected forward past a lease's end, costs at most this much. Every
-#: hand-over rings and every process's exit is heard on the witness, so this is only
-#: a net: each look costs a blocked waiter ~0.1-0.3 ms of CPU, and a look per second
-#: was most of what waiting cost (the target: at most 1 ms per 5 s).
+#: A waiter looks again at least this often, whatever it was told: a lost ring, a wall
+#: clock corrected forward past a lease's end (a store whose clock is not the boot
+#: clock: ``embedded.clock``), a bell removed under its waiter (FIFOs, events) cost at
+#: most this much. Every hand-over rings, so this is only a net.
 SAFETY_NET = 4.0
+#: The net is this many times longer where it has nothing but a lost ring to catch:
+#: with inotify (the witness tells of every death, the bell of its own removal:
+#: ``_RUNG``) on a store counted on the boot clock, which never steps. Each look wakes a
+#: process whose caches went cold while it slept: 0.25-0.45 ms of CPU, as much as
+#: queueing and taking the lock together; at 4 s, the one look of a 5 s wait made such
+#: a waiter miss the target of 1 ms per 5 s (1.1-1.5 ms; 0.5-0.7 ms without it).
+QUIET_NET = 1.5
 #: Where no inotify watches the witness file (FIFO and event wake-ups), a waiter is
 #: told of the death of its holder and of the waiter ahead of it by ``liveness``. Where
 #: it cannot watch one of them (a holder of an older version, no FIFO, no process
@@ -60,52 +70,6 @@ DEATH_NET = 2.0
 #: How often a waiter looks while a death it was told of is still under way (see
 #: ``liveness.SETTLE_TIME``).
 SETTLE = 0.01
-
-
-class _SharedInotifyWaiter(InotifyWaiter):
-    """An inotify waiter on the thread's long-lived instance.
-
-    Closing an inotify descriptor waits for an RCU grace period in the kernel, several
-    milliseconds: far longer than a whole hand-over. So each thread keeps one instance
-    and only adds and drops watches on it; the bell's watch goes away by itself when
-    the bell is removed.
-    """
-
-    def __init__(self, fd: int, wanted: Dict[int, Dict[bytes, int]]) -> None:
-        super().__init__(fd, wanted)
-        self._drain()  # events left over from an earlier wait of this thread
-
-    def close(self) -> None:
-        self._fd = -1  # the descriptor is the thread's, kept for its next wait
-
-
-class _Descriptor:
-    """Owns one inotify descriptor; closes it when its thread's state is dropped."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd, self.pid = fd, os.getpid()
-
-    def __del__(self) -> None:
-        if self.pid == os.getpid():  # never close a descriptor inherited through fork
-            try:
-                os.close(self.fd)
-            except OSError:
-                pass
-
-
-_instance = threading.local()
-
-
-def _thread_inotify() -> int:
-    """This thread's inotify descriptor, made on first use (and anew after fork)."""
-    held: Optional[_Descriptor] = getattr(_instance, "held", None)
-    if held is None or held.pid != os.getpid():
-        fd = libc().inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-        if fd < 0:
-            log.debug("inotify unavailable (errno %d); polling instead", ctypes.get_errno())
-            return -1
-        _instance.held = held = _Descriptor(fd)
-    return held.fd
 
 
 class _OwnBell:
@@ -117,6 +81,9 @@ class _OwnBell:
     def __init__(self, path: str, fd: int, witness: Witness) -> None:
         self.path, self.fd, self.pid = path, fd, os.getpid()
         self.name = os.path.basename(path)
+        #: Whether the thread's last wait here found the lock taken at its first look
+        #: (``Bells.armed``): then its next acquire most likely waits too.
+        self.contended = False
         #: The thread's open watches on the deaths of others (``liveness``).
         self.watches = Watches(os.path.dirname(path), witness)
         #: The FIFO's two ends (``wakeup_fifo``), or the event's handle in ``read_fd``.
@@ -220,8 +187,8 @@ class Bells:
     def made(self) -> Optional[str]:
         """The calling thread's bell here if it has one already (it waited here before),
         else ``None``: a thread that waits again may queue in its first look."""
-        own: Optional[_OwnBell] = getattr(_own, "bells", {}).get(self.directory)
-        if own is None or own.pid != os.getpid():
+        own = self._own()
+        if own is None:
             return None
         # A pruner may have taken a stalled waiter's bell for dead and removed it. Not
         # on Windows: our open handle (no FILE_SHARE_DELETE) keeps it from being removed,
@@ -231,17 +198,29 @@ class Bells:
         return own.name
 
     def armed(self) -> bool:
-        """Whether the calling thread has a bell here that wakes it without any set-up
-        per wait (a FIFO or a named event, made with the bell). Such a thread may take
-        or queue in its first look, before its waiter exists: no ring can be lost. An
-        inotify waiter must add its watches before its first look, which costs an
-        uncontended acquire more (~100 µs) than the look it would save."""
-        return WAKEUP in ("fifo", "event") and self.made() is not None
+        """Whether the calling thread's next acquire here should skip the newcomer's
+        attempt and take or queue in its first look, one update of the store instead of
+        two (under contention each update is a turn at the record's flock or SQLite's
+        write lock, which the holder's release then waits for).
+
+        A FIFO or a named event wakes its thread without any set-up per wait: armed as
+        soon as the bell exists. An inotify waiter adds its watches before its first
+        look, which an uncontended acquire would pay for nothing (~20-40 µs): armed only
+        while the thread's last wait here found the lock taken (``_OwnBell.contended``).
+        """
+        own = self._own()
+        if own is None or WAKEUP is None or (WAKEUP == "inotify" and not own.contended):
+            return False
+        return self.made() is not None
+
+    def _own(self) -> Optional[_OwnBell]:
+        own: Optional[_OwnBell] = getattr(_own, "bells", {}).get(self.directory)
+        return None if own is None or own.pid != os.getpid() else own
 
     def news(self) -> bytes:
         """What the last ring of the calling thread's bell in this store said."""
-        own: Optional[_OwnBell] = getattr(_own, "bells", {}).get(self.directory)
-        if own is None or own.pid != os.getpid():
+        own = self._own()
+        if own is None:
             return b""
         try:
             return read_at(own.fd, 256, 0)
@@ -287,7 +266,7 @@ class Bells:
         lib = libc()
         if bell is None or lib is None:
             return BackoffWaiter(POLL_CAP)
-        fd = _thread_inotify()
+        fd = thread_inotify()
         if fd < 0:
             return BackoffWaiter(POLL_CAP)
         wanted = {}
@@ -299,7 +278,7 @@ class Bells:
             if wd < 0:
                 return BackoffWaiter(POLL_CAP)
             wanted[wd] = {b"": mask}
-        return _SharedInotifyWaiter(fd, wanted)
+        return SharedInotifyWaiter(fd, wanted)
 
     def wait_turn(
         self,
@@ -308,6 +287,7 @@ class Bells:
         clock: Callable[[], float],
         step: Callable[[], Tuple[Optional[Lease], Optional[float], Optional[str], Watch]],
         granted: Optional[Callable[[bytes], Optional[Lease]]] = None,
+        steady: bool = False,
     ) -> Optional[Lease]:
         """A queued waiter's loop: ``step()`` tries to take the lock and returns
         ``(lease or None, when the current lease expires or None, a bell to ring or
@@ -317,9 +297,14 @@ class Bells:
 
         A release may grant the lock to the waiter it wakes and say so in the ring:
         ``granted(news)`` turns that news into the waiter's lease, sparing it a step.
+        ``steady``: ``clock`` is the store's boot clock, which never steps (``QUIET_NET``).
         """
+        net = SAFETY_NET * QUIET_NET if steady and WAKEUP == "inotify" else SAFETY_NET
         with self.waiter(bell) as waiter:
             lease, expires, wake, watch = step()
+            own = self._own() if bell is not None else None
+            if own is not None and own.name == bell:
+                own.contended = lease is None
             while True:
                 self.ring(wake)
                 if lease is not None:
@@ -327,7 +312,7 @@ class Bells:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
-                bound = SAFETY_NET
+                bound = net
                 if WAKEUP != "inotify":
                     # The push is a hint; after any wake the step looks at the truth.
                     watched = _watch(waiter, watch)

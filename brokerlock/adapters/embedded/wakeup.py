@@ -11,9 +11,11 @@ import os
 import select
 import struct
 import sys
+import threading
 import time
 from typing import Any, Callable, Dict, Optional, Sequence
 
+from ..._log import log
 from ..._platform import HAVE_INOTIFY
 from ..base import Waiter
 
@@ -116,3 +118,51 @@ class InotifyWaiter(Waiter):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class SharedInotifyWaiter(InotifyWaiter):
+    """An inotify waiter on the thread's long-lived instance.
+
+    Closing an inotify descriptor waits for an RCU grace period in the kernel, several
+    milliseconds: far longer than a whole hand-over. So each thread keeps one instance
+    and only adds and drops watches on it; the bell's watch goes away by itself when
+    the bell is removed.
+    """
+
+    def __init__(self, fd: int, wanted: Dict[int, Dict[bytes, int]]) -> None:
+        super().__init__(fd, wanted)
+        self._drain()  # events left over from an earlier wait of this thread
+
+    def close(self) -> None:
+        self._fd = -1  # the descriptor is the thread's, kept for its next wait
+
+
+class _Descriptor:
+    """Owns one inotify descriptor; closes it when its thread's state is dropped."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.pid = fd, os.getpid()
+
+    def __del__(self) -> None:
+        if self.pid == os.getpid():  # never close a descriptor inherited through fork
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+
+
+_instance = threading.local()
+
+
+def thread_inotify() -> int:
+    """This thread's inotify descriptor, made on first use (and anew after fork)."""
+    held: Optional[_Descriptor] = getattr(_instance, "held", None)
+    if held is None or held.pid != os.getpid():
+        fd = libc().inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        if fd < 0:
+            import ctypes  # (loaded already, by libc())
+
+            log.debug("inotify unavailable (errno %d); polling instead", ctypes.get_errno())
+            return -1
+        _instance.held = held = _Descriptor(fd)
+    return held.fd

@@ -250,9 +250,10 @@ class FileAdapter(EmbeddedStore):
             lease = self.try_acquire(request)
             if lease is not None or timeout == 0:
                 return lease
-        # else: a thread that waited here before has an armed bell (Bells.armed): its first look takes
-        # the lock if free or queues at once, one update of the record instead of two
-        # (the contended case, where each update is a turn at the record's flock).
+        # else: a thread whose last wait here found the lock taken (Bells.armed) skips
+        # the newcomer's try: its first look takes the lock if free or queues at once,
+        # one update of the record instead of two (each a turn at the record's flock,
+        # which the holder's release may have to wait for).
         deadline = None if timeout is None else time.monotonic() + timeout
         name, token = request.name, request.token
         witness = self._witness.mine()  # also creates the witness file the waiter watches
@@ -261,7 +262,8 @@ class FileAdapter(EmbeddedStore):
         taken: Optional[Lease] = None
         try:
             taken = self._bells.wait_turn(
-                bell, deadline, self._clock, place.step, lambda news: self._granted(request, news)
+                bell, deadline, self._clock, place.step, lambda news: self._granted(request, news),
+                steady=self._pinned,
             )
             return taken
         finally:

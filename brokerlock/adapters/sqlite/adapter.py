@@ -180,9 +180,9 @@ class SQLiteAdapter(HandOver):
             return self.try_acquire(request)
         deadline = None if timeout is None else time.monotonic() + timeout
         bells = self._bells_made
-        # A thread that waited here before has an armed bell (Bells.armed): its first look takes the lock
-        # if free or queues, in one write transaction (the contended case, where every
-        # write is a turn at SQLite's write lock that others wait for).
+        # A thread whose last wait here found the lock taken (Bells.armed): its first
+        # look takes the lock if free or queues, in one write transaction (every write
+        # is a turn at SQLite's write lock, which the holder's release may wait for).
         newcomer = bells is not None and bells.armed()
         if not newcomer:
             params = self._params(request)
@@ -212,6 +212,7 @@ class SQLiteAdapter(HandOver):
                 self._clock,
                 lambda: self._run(f"acquire {name!r}", place.step, deadline),
                 lambda news: self._granted(request, news),
+                steady=self._pinned,
             )
             return taken
         except _OutOfTime:
