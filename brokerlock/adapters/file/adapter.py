@@ -290,8 +290,9 @@ class FileAdapter(EmbeddedStore):
             return news, new
 
         grant = self._update(name, "leave the queue of", change)
-        ring(self._bells, self._witness, grant)
-        rang(self._unrung, name, grant)
+        if grant is not None:  # (self._bells loads the bells: not for a lone name)
+            ring(self._bells, self._witness, grant)
+            rang(self._unrung, name, grant)
 
     def abandon(self, name: str, token: str) -> None:
         self._leave(name, token)  # by token: the queue place and any lease of ours
@@ -312,8 +313,9 @@ class FileAdapter(EmbeddedStore):
             return (result, news), new
 
         result, news = self._update(name, action, change)
-        ring(self._bells, self._witness, news)
-        rang(self._unrung, name, news)
+        if news is not None:  # (self._bells loads the bells: not for a lone name)
+            ring(self._bells, self._witness, news)
+            rang(self._unrung, name, news)
         return result
 
     def release(self, name: str, token: str) -> bool:
