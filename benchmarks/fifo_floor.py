@@ -29,6 +29,8 @@ import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from handovers import timed_run  # (this directory: the same clock and gathering)
+
 FREE = b"-"
 
 
@@ -117,22 +119,7 @@ def run(procs: int, seconds: float) -> Dict[str, Any]:
             subprocess.Popen([sys.executable, __file__, "--worker", directory, str(i), go, outs[i]])
             for i in range(procs)
         ]
-        limit = time.monotonic() + 60
-        while not all(os.path.exists(out + ".ready") for out in outs):
-            if time.monotonic() > limit or any(c.poll() is not None for c in children):
-                raise SystemExit("a worker did not start")
-            time.sleep(0.01)
-        start = time.time() + 0.2
-        with open(go + ".tmp", "w") as f:
-            json.dump([start, start + seconds], f)
-        os.replace(go + ".tmp", go)
-        for child in children:
-            if child.wait(timeout=seconds + 60) != 0:
-                raise SystemExit(f"a worker failed with exit status {child.returncode}")
-        holds = []
-        for me, out in enumerate(outs):
-            with open(out) as f:
-                holds.extend((number, me, entered, left) for number, entered, left in json.load(f))
+        holds = timed_run(children, outs, go, seconds, patience=60)
     holds.sort()
     numbers = [h[0] for h in holds]
     assert numbers == list(range(1, len(holds) + 1)), "an acquisition was lost or repeated"

@@ -70,6 +70,36 @@ def url_for(store: str, directory: str) -> str:
     return "file:///" + directory.replace(os.sep, "/").lstrip("/")
 
 
+def timed_run(
+    children: List[subprocess.Popen[bytes]], outs: List[str], go: str, seconds: float,
+    patience: float = 120,
+) -> List[Any]:
+    """Start the clock once every worker wrote ``<out>.ready``, let them run ``seconds``
+    and gather their holds as ``(number, worker, entered, left)``: each worker writes the
+    ``[number, entered, left]`` of its holds to its ``out`` file.
+
+    The clock starts once every worker has started and taken the lock once: a start
+    time fixed in advance left slow starters (Wine, a loaded machine) out of the
+    measured seconds, or all of them (0 acquisitions)."""
+    limit = time.monotonic() + patience
+    while not all(os.path.exists(out + ".ready") for out in outs):
+        if time.monotonic() > limit or any(c.poll() is not None for c in children):
+            raise SystemExit("a worker did not start")
+        time.sleep(0.01)
+    start = time.time() + 0.2
+    with open(go + ".tmp", "w") as f:
+        json.dump([start, start + seconds], f)
+    os.replace(go + ".tmp", go)
+    for child in children:
+        if child.wait(timeout=seconds + patience) != 0:
+            raise SystemExit(f"a worker failed with exit status {child.returncode}")
+    holds: List[Any] = []
+    for me, out in enumerate(outs):
+        with open(out) as f:
+            holds.extend((number, me, entered, left) for number, entered, left in json.load(f))
+    return holds
+
+
 def run(store: str, procs: int, seconds: float) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as directory:
         url = url_for(store, os.path.join(directory, "store"))
@@ -78,25 +108,7 @@ def run(store: str, procs: int, seconds: float) -> Dict[str, Any]:
         children = [
             subprocess.Popen([sys.executable, "-c", _WORKER, ROOT, url, go, out]) for out in outs
         ]
-        # The clock starts once every worker has started and taken the lock once: a
-        # start time fixed in advance left slow starters (Wine, a loaded machine) out
-        # of the measured seconds, or all of them (0 acquisitions).
-        limit = time.monotonic() + 120
-        while not all(os.path.exists(out + ".ready") for out in outs):
-            if time.monotonic() > limit or any(c.poll() is not None for c in children):
-                raise SystemExit("a worker did not start")
-            time.sleep(0.01)
-        start = time.time() + 0.2
-        with open(go + ".tmp", "w") as f:
-            json.dump([start, start + seconds], f)
-        os.replace(go + ".tmp", go)
-        for child in children:
-            if child.wait(timeout=seconds + 120) != 0:
-                raise SystemExit(f"a worker failed with exit status {child.returncode}")
-        holds: List[Any] = []
-        for me, out in enumerate(outs):
-            with open(out) as f:
-                holds.extend((fence, me, entered, left) for fence, entered, left in json.load(f))
+        holds = timed_run(children, outs, go, seconds)
     holds.sort()
     fences = [h[0] for h in holds]
     assert len(set(fences)) == len(fences), "two acquisitions got the same fence"
