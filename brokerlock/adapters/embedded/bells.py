@@ -123,6 +123,14 @@ class _OwnBell:
 _own = threading.local()
 
 
+def _still_there(own: _OwnBell) -> bool:
+    """Whether the thread's bell file is still there to be rung. A pruner may have taken a
+    stalled waiter's bell for dead and removed it. Not looked at on Windows: our open
+    handle (no FILE_SHARE_DELETE) keeps it from being removed, and the look would cost
+    a round trip to wineserver under Wine on every wait."""
+    return sys.platform == "win32" or os.path.exists(own.path)
+
+
 def _open_bell(path: str) -> int:
     return os.open(path, os.O_WRONLY | O_NOFOLLOW | O_CLOEXEC)
 
@@ -188,14 +196,7 @@ class Bells:
         """The calling thread's bell here if it has one already (it waited here before),
         else ``None``: a thread that waits again may queue in its first look."""
         own = self._own()
-        if own is None:
-            return None
-        # A pruner may have taken a stalled waiter's bell for dead and removed it. Not
-        # on Windows: our open handle (no FILE_SHARE_DELETE) keeps it from being removed,
-        # and the look would cost a round trip to wineserver under Wine on every wait.
-        if sys.platform != "win32" and not os.path.exists(own.path):
-            return None
-        return own.name
+        return None if own is None or not _still_there(own) else own.name
 
     def armed(self) -> bool:
         """Whether the calling thread's next acquire here should skip the newcomer's
@@ -211,7 +212,7 @@ class Bells:
         own = self._own()
         if own is None or WAKEUP is None or (WAKEUP == "inotify" and not own.contended):
             return False
-        return self.made() is not None
+        return _still_there(own)
 
     def _own(self) -> Optional[_OwnBell]:
         own: Optional[_OwnBell] = getattr(_own, "bells", {}).get(self.directory)
